@@ -1,0 +1,102 @@
+"""Megatron checkpoints on disk, in Megatron-LM's directory convention.
+
+    OUT/
+      latest_checkpointed_iteration.txt   "release"  (Megatron-LM's tracker file)
+      release/                             megatron-core dist_checkpointing (torch_dist) files
+      bridge_meta.json                     HF config, provider fields, dtype, HF tensor manifest
+      hf_assets/                           non-weight files of the source HF dir (tokenizer, ...)
+
+Megatron-LM's `--load` / `--finetune` read the tracker and `release/`; the bridge's own files sit
+beside them and never inside what Megatron reads. The model's state is saved under the key `model`
+(Megatron-LM's key), with `checkpoint_version` and `iteration` beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Callable, Dict, Optional
+
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+
+from conversion.errors import ConversionError
+from conversion.safetensors_io import atomic_output_dir
+
+TRACKER_NAME = "latest_checkpointed_iteration.txt"
+RELEASE_DIR = "release"
+META_NAME = "bridge_meta.json"
+ASSETS_DIR = "hf_assets"
+META_FORMAT = "nemotron-omni-bridge/1"
+
+
+def _sharded_state(model) -> Dict:
+    from bridge.weights import model_chunks
+
+    chunks = model_chunks(model)
+    state = {"checkpoint_version": 3.0, "iteration": 0}
+    if len(chunks) == 1:
+        state["model"] = chunks[0].sharded_state_dict()
+    else:  # virtual pipeline stages: Megatron-LM's model0, model1, ...
+        for i, chunk in enumerate(chunks):
+            state[f"model{i}"] = chunk.sharded_state_dict()
+    return state
+
+
+def save(model, path: Path, meta: Dict, assets_dir: Optional[Path], overwrite: bool = False,
+         is_asset: Callable[[Path], bool] = lambda p: True) -> None:
+    """Write the model (all ranks take part) and the bridge files (rank 0) into `path`, atomically."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        raise NotImplementedError("multi-rank Megatron checkpoint saving is not implemented yet")
+    with atomic_output_dir(path, overwrite=overwrite) as tmp:
+        dist_checkpointing.save(_sharded_state(model), str(tmp / RELEASE_DIR))
+        if rank == 0:
+            (tmp / TRACKER_NAME).write_text(RELEASE_DIR)
+            (tmp / META_NAME).write_text(json.dumps({"format": META_FORMAT, **meta}, indent=1) + "\n")
+            assets = tmp / ASSETS_DIR
+            assets.mkdir()
+            if assets_dir is not None:
+                for src in sorted(Path(assets_dir).rglob("*")):
+                    if src.is_file() and is_asset(src):
+                        dest = assets / src.relative_to(assets_dir)
+                        dest.parent.mkdir(parents=True, exist_ok=True)
+                        shutil.copy2(src, dest)
+
+
+def read_meta(path: Path) -> Dict:
+    path = Path(path)
+    if not path.is_dir():
+        raise ConversionError(f"{path}: input path does not exist or is not a directory (expected a converted Megatron checkpoint)")
+    meta_path = path / META_NAME
+    if not meta_path.is_file():
+        raise ConversionError(f"{meta_path}: missing; {path} is not a checkpoint written by convert-hf-to-mcore")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConversionError(f"{meta_path}: not valid JSON ({e})") from None
+    if meta.get("format") != META_FORMAT:
+        raise ConversionError(f"{meta_path}: format {meta.get('format')!r}, expected {META_FORMAT!r}")
+    return meta
+
+
+def checkpoint_dir(path: Path) -> Path:
+    tracker = Path(path) / TRACKER_NAME
+    if not tracker.is_file():
+        raise ConversionError(f"{tracker}: missing (expected Megatron-LM's tracker file)")
+    it = tracker.read_text().strip()
+    sub = RELEASE_DIR if it == "release" else f"iter_{int(it):07d}"
+    return Path(path) / sub
+
+
+def load(model, path: Path) -> None:
+    """Load the weights of a converted checkpoint into `model` (any parallel layout: it reshards)."""
+    from bridge.weights import model_chunks
+
+    state = _sharded_state(model)
+    loaded = dist_checkpointing.load(state, str(checkpoint_dir(path)))
+    chunks = model_chunks(model)
+    for i, chunk in enumerate(chunks):
+        key = "model" if len(chunks) == 1 else f"model{i}"
+        chunk.load_state_dict(loaded[key], strict=True)

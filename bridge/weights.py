@@ -1,0 +1,92 @@
+"""Moving weights between HF tensors and the parameters of a megatron model on this rank.
+
+The path of one tensor, HF -> Megatron:
+  rule = rules[canonical megatron name]          (conversion/nemotron_h.py: names + Kind)
+  full = transforms.to_megatron(kind, hf tensors) (e.g. q, k, v -> fused QKV; vocab padding)
+  local = transforms.shard(kind, full, rank, size) (this TP / expert-TP rank's slice)
+  parameter.copy_(local)
+Export runs the same steps backwards. "Canonical" names are the megatron names with the *global*
+layer index and global expert index (see `canonical_names`), so the table never depends on the
+parallel layout.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Dict, Iterator, List, Tuple
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from conversion.errors import ConversionError
+from conversion.nemotron_h import canonical_expert_name
+from conversion.transforms import Kind, shard, unshard
+
+EXPERT_KINDS = (Kind.EXPERT_COLUMN, Kind.EXPERT_ROW)
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
+
+
+def unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    """Strip DDP / Float16Module style wrappers (they hold the real model in `.module`)."""
+    while hasattr(module, "module") and isinstance(module.module, torch.nn.Module):
+        module = module.module
+    return module
+
+
+def model_chunks(model) -> List[torch.nn.Module]:
+    return [unwrap(m) for m in (model if isinstance(model, (list, tuple)) else [model])]
+
+
+def canonical_names(lm: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    """canonical megatron name -> this rank's tensor (parameters and persistent buffers).
+
+    Local layer indices become global ones (`layer.layer_number - 1`); local expert indices become
+    global ones (EP rank x local experts). Transformer Engine's `_extra_state` entries carry no
+    weights and are skipped.
+    """
+    out: Dict[str, torch.Tensor] = {}
+    num_experts = getattr(lm.config, "num_moe_experts", None) or 0
+    ep_size = parallel_state.get_expert_model_parallel_world_size()
+    first_expert = parallel_state.get_expert_model_parallel_rank() * (num_experts // max(ep_size, 1))
+    for name, tensor in lm.state_dict(keep_vars=True).items():
+        if name.endswith("_extra_state"):
+            continue
+        m = _LAYER.match(name)
+        if m:
+            layer = lm.decoder.layers[int(m[1])]
+            name = f"decoder.layers.{layer.layer_number - 1}.{m[2]}"
+        out[canonical_expert_name(name, first_expert)] = tensor
+    return out
+
+
+def tp_group_for(kind: Kind):
+    """(rank, size, group) of the tensor-parallel group that shards tensors of this kind."""
+    if kind in EXPERT_KINDS:
+        return (parallel_state.get_expert_tensor_parallel_rank(),
+                parallel_state.get_expert_tensor_parallel_world_size(),
+                parallel_state.get_expert_tensor_parallel_group(check_initialized=False))
+    return (parallel_state.get_tensor_model_parallel_rank(),
+            parallel_state.get_tensor_model_parallel_world_size(),
+            parallel_state.get_tensor_model_parallel_group(check_initialized=False))
+
+
+def load_into(tensor: torch.Tensor, kind: Kind, full: torch.Tensor, dims, what: str) -> None:
+    """Copy this rank's slice of the full megatron tensor `full` into `tensor`."""
+    rank, size, _ = tp_group_for(kind)
+    local = shard(kind, full, rank, size, dims)
+    if tuple(local.shape) != tuple(tensor.shape):
+        raise ConversionError(f"{what}: shape {tuple(full.shape)} gives a slice of {tuple(local.shape)} "
+                              f"on this rank, but the megatron parameter is {tuple(tensor.shape)}")
+    with torch.no_grad():
+        tensor.copy_(local)
+
+
+def gather_full(tensor: torch.Tensor, kind: Kind, dims) -> torch.Tensor:
+    """The full megatron tensor from this rank's slice (all-gather over TP / expert-TP)."""
+    rank, size, group = tp_group_for(kind)
+    if size == 1 or kind is Kind.REPLICATED:
+        return tensor.detach()
+    shards = [torch.empty_like(tensor) for _ in range(size)]
+    dist.all_gather(shards, tensor.detach().contiguous(), group=group)
+    return unshard(kind, shards, dims)

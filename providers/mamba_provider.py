@@ -1,0 +1,186 @@
+"""Providers for megatron-core's hybrid Mamba language model (NemotronH).
+
+A provider is a `TransformerConfig` dataclass plus the fields megatron keeps outside it (vocab,
+hybrid pattern, sequence length, ...). Users set parallel sizes on it after construction, so the
+config is validated in `finalize()` (called by `provide()`), not in `__post_init__`.
+
+`provide()` builds the Transformer Engine layer specs when TE and a GPU are present; otherwise it
+applies the CPU accommodations of `providers.cpu_compat` and builds the CPU spec, whose parameter
+names are identical to the TE build's, so one checkpoint format serves both.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field, fields
+from typing import Callable, Optional
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.activations import squared_relu
+from megatron.core.transformer import TransformerConfig
+
+from providers.megatron_imports import HAVE_TE, MambaModel
+
+# The hybrid pattern of Nemotron-3-Nano-30B-A3B: M = Mamba2, E = MoE, * = attention, - = MLP.
+NEMOTRON_3_NANO_PATTERN = "MEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEMEM*EMEMEMEME"
+
+
+def use_transformer_engine() -> bool:
+    """The TE path needs both the package and a GPU; everything else runs the CPU build."""
+    return HAVE_TE and torch.cuda.is_available()
+
+
+@dataclass
+class MambaModelProvider(TransformerConfig):
+    """Builds megatron-core's hybrid Mamba model (`MambaModel`) from dataclass fields."""
+
+    # Fields megatron keeps outside TransformerConfig.
+    vocab_size: Optional[int] = None
+    make_vocab_size_divisible_by: int = 128
+    seq_length: int = 8192
+    hybrid_attention_ratio: float = 0.0
+    hybrid_mlp_ratio: float = 0.0
+    hybrid_override_pattern: Optional[str] = None
+    position_embedding_type: str = "none"
+    rotary_percent: float = 1.0
+    rotary_base: int = 10000
+    seq_len_interpolation_factor: Optional[float] = None
+    share_embeddings_and_output_weights: bool = False
+    fp16_lm_cross_entropy: bool = False
+    parallel_output: bool = True
+    scatter_embedding_sequence_parallel: bool = True
+    # None: the TE spec where TE and a GPU are present, else the CPU spec (same parameter names).
+    mamba_stack_spec: Optional[Callable] = None
+
+    # Architecture defaults shared by the Mamba hybrids we build.
+    normalization: str = "RMSNorm"
+    add_bias_linear: bool = False
+    gated_linear_unit: bool = False
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    is_hybrid_model: bool = True
+
+    def __post_init__(self):
+        # Validation is deferred to finalize(): users set TP/PP/EP after construction.
+        pass
+
+    def finalize(self) -> None:
+        """Run megatron's validation and derived-field logic (TransformerConfig.__post_init__)."""
+        if self.num_layers == 0 and self.hybrid_override_pattern:
+            self.num_layers = len(self.hybrid_override_pattern)
+        TransformerConfig.__post_init__(self)
+
+    # ------------------------------------------------------------------ building
+    def padded_vocab_size(self) -> int:
+        """Vocab rounded up to a multiple of make_vocab_size_divisible_by x TP (megatron's rule)."""
+        multiple = self.make_vocab_size_divisible_by * self.tensor_model_parallel_size
+        return -(-self.vocab_size // multiple) * multiple
+
+    def build_config(self) -> "MambaModelProvider":
+        """A finalized copy of this provider, adapted to the machine (TE/GPU or CPU)."""
+        cfg = copy.copy(self)
+        if not use_transformer_engine():
+            from providers import cpu_compat
+
+            cpu_compat.apply_cpu_patches()
+            for name, value in cpu_compat.cpu_config_overrides(cfg).items():
+                setattr(cfg, name, value)
+        cfg.finalize()
+        return cfg
+
+    def stack_spec(self, cfg: "MambaModelProvider"):
+        if self.mamba_stack_spec is not None:
+            spec = self.mamba_stack_spec
+            return spec() if callable(spec) and not hasattr(spec, "module") else spec
+        from providers.layer_specs import get_mamba_stack_spec
+
+        return get_mamba_stack_spec(use_te=use_transformer_engine(), moe_grouped_gemm=cfg.moe_grouped_gemm)
+
+    def provide(self, pre_process: Optional[bool] = None, post_process: Optional[bool] = None,
+                vp_stage: Optional[int] = None) -> MambaModel:
+        if vp_stage is not None:
+            raise ValueError("megatron-core's MambaStack does not support virtual pipeline stages")
+        if self.vocab_size is None:
+            raise ValueError("MambaModelProvider.vocab_size must be set")
+        cfg = self.build_config()
+        if pre_process is None:
+            pre_process = parallel_state.is_pipeline_first_stage()
+        if post_process is None:
+            post_process = parallel_state.is_pipeline_last_stage()
+        return MambaModel(
+            config=cfg,
+            mamba_stack_spec=self.stack_spec(cfg),
+            vocab_size=self.padded_vocab_size(),
+            max_sequence_length=self.seq_length,
+            pre_process=pre_process,
+            post_process=post_process,
+            hybrid_attention_ratio=self.hybrid_attention_ratio,
+            hybrid_mlp_ratio=self.hybrid_mlp_ratio,
+            hybrid_override_pattern=self.hybrid_override_pattern,
+            fp16_lm_cross_entropy=self.fp16_lm_cross_entropy,
+            parallel_output=self.parallel_output,
+            share_embeddings_and_output_weights=self.share_embeddings_and_output_weights,
+            position_embedding_type=self.position_embedding_type,
+            rotary_percent=self.rotary_percent,
+            rotary_base=self.rotary_base,
+            seq_len_interpolation_factor=self.seq_len_interpolation_factor,
+            scatter_embedding_sequence_parallel=self.scatter_embedding_sequence_parallel,
+        )
+
+
+@dataclass
+class NemotronHModelProvider(MambaModelProvider):
+    """NemotronH language model; defaults are Nemotron-3-Nano-30B-A3B with its training settings."""
+
+    # Sizes (the language model of Nemotron-3-Nano-Omni-30B-A3B).
+    hybrid_override_pattern: Optional[str] = NEMOTRON_3_NANO_PATTERN
+    num_layers: int = len(NEMOTRON_3_NANO_PATTERN)
+    hidden_size: int = 2688
+    ffn_hidden_size: int = 1856
+    num_attention_heads: int = 32
+    num_query_groups: int = 2
+    kv_channels: int = 128
+    mamba_num_heads: int = 64
+    mamba_head_dim: int = 64
+    mamba_num_groups: int = 8
+    mamba_state_dim: int = 128
+    num_moe_experts: Optional[int] = 128
+    moe_router_topk: int = 6
+    moe_ffn_hidden_size: Optional[int] = 1856
+    moe_shared_expert_intermediate_size: Optional[int] = 3712
+    moe_router_topk_scaling_factor: Optional[float] = 2.5
+    vocab_size: Optional[int] = 131072
+    seq_length: int = 8192
+    layernorm_epsilon: float = 1e-5
+
+    # Settings the release trains with.
+    activation_func: Callable = squared_relu
+    make_vocab_size_divisible_by: int = 128
+    position_embedding_type: str = "none"
+    moe_router_score_function: str = "sigmoid"
+    moe_router_enable_expert_bias: bool = True
+    moe_router_dtype: Optional[str] = "fp32"
+    moe_router_load_balancing_type: str = "seq_aux_loss"
+    moe_aux_loss_coeff: float = 1e-4
+    moe_router_pre_softmax: bool = False
+    moe_grouped_gemm: bool = True            # TE's grouped GEMM; the CPU build uses sequential experts
+    moe_token_dispatcher_type: str = "alltoall"
+    moe_permute_fusion: bool = True          # needs TE; off on the CPU build
+    moe_shared_expert_overlap: bool = True
+    attention_softmax_in_fp32: bool = True
+    apply_query_key_layer_scaling: bool = False
+    first_last_layers_bf16: bool = True
+    persist_layer_norm: bool = True
+    masked_softmax_fusion: bool = True
+    bias_dropout_fusion: bool = True
+    bf16: bool = True
+    params_dtype: torch.dtype = torch.bfloat16
+
+
+# The name Megatron-Bridge users know for the same model.
+Nemotron3NanoProvider = NemotronHModelProvider
+
+
+def provider_field_names(provider_cls) -> set:
+    return {f.name for f in fields(provider_cls)}
