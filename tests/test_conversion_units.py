@@ -1,0 +1,125 @@
+"""Pure conversion pieces: transforms, sharding, config parsing (no megatron, milliseconds)."""
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conversion import hf_config
+from conversion.errors import ConversionError
+from conversion.nemotron_h import canonical_expert_name, language_model_rules, localise_expert_name
+from conversion.transforms import Dims, Kind, fuse_qkv, shard, split_qkv, to_hf, to_megatron, unshard
+
+DATA = Path(__file__).parent / "data"
+DIMS = Dims(vocab_size=300, padded_vocab_size=384, num_attention_heads=8, num_query_groups=2, kv_channels=4,
+            mamba_num_heads=8, mamba_head_dim=4, mamba_num_groups=4, mamba_state_dim=3)
+
+
+def test_fused_qkv_groups_queries_then_key_then_value():
+    hidden = 5
+    q = torch.arange(8 * 4).repeat_interleave(hidden).reshape(32, hidden).float()
+    k = -1 - torch.arange(2 * 4).repeat_interleave(hidden).reshape(8, hidden).float()
+    v = 1000 + torch.arange(2 * 4).repeat_interleave(hidden).reshape(8, hidden).float()
+    qkv = fuse_qkv(q, k, v, DIMS)
+    # group 0: query heads 0..3 (rows 0..15), key head 0 (rows 0..3 of k), value head 0
+    assert torch.equal(qkv[:16], q[:16]) and torch.equal(qkv[16:20], k[:4]) and torch.equal(qkv[20:24], v[:4])
+    assert torch.equal(qkv[24:40], q[16:]) and torch.equal(qkv[40:44], k[4:]) and torch.equal(qkv[44:], v[4:])
+    assert all(torch.equal(a, b) for a, b in zip(split_qkv(qkv, DIMS), (q, k, v)))
+
+
+@pytest.mark.parametrize("kind,shape", [
+    (Kind.COLUMN, (8, 6)), (Kind.ROW, (6, 8)), (Kind.QKV, (48, 5)), (Kind.VOCAB, (384, 5)),
+    (Kind.MAMBA_IN_PROJ, (2 * 32 + 2 * 12 + 8, 5)), (Kind.MAMBA_CONV1D, (32 + 24, 1, 4)),
+    (Kind.EXPERT_COLUMN, (6, 4)), (Kind.EXPERT_ROW, (4, 6)), (Kind.REPLICATED, (7,)),
+])
+@pytest.mark.parametrize("size", [1, 2])
+def test_shard_unshard_round_trip(kind, shape, size):
+    full = torch.randn(shape)
+    shards = [shard(kind, full, r, size, DIMS) for r in range(size)]
+    assert torch.equal(unshard(kind, shards, DIMS), full)
+
+
+def test_mamba_in_proj_is_split_per_component():
+    sizes = DIMS.mamba_in_proj_sizes()  # z, x, B, C, dt
+    full = torch.cat([torch.full((n, 1), float(i)) for i, n in enumerate(sizes)])
+    rank1 = shard(Kind.MAMBA_IN_PROJ, full, 1, 2, DIMS)
+    expected = torch.cat([torch.full((n // 2, 1), float(i)) for i, n in enumerate(sizes)])
+    assert torch.equal(rank1, expected)
+
+
+def test_vocab_padding_added_and_removed():
+    emb = torch.randn(300, 4)
+    padded = to_megatron(Kind.VOCAB, [emb], DIMS)
+    assert padded.shape == (384, 4) and torch.equal(padded[300:], torch.zeros(84, 4))
+    assert torch.equal(to_hf(Kind.VOCAB, padded, DIMS)[0], emb)
+
+
+def test_expert_names_localise_for_sequential_and_grouped_gemm():
+    canonical = "decoder.layers.3.mlp.experts.local_experts.5.linear_fc2.weight"
+    assert localise_expert_name(canonical, 4, False) == "decoder.layers.3.mlp.experts.local_experts.1.linear_fc2.weight"
+    assert localise_expert_name(canonical, 4, True) == "decoder.layers.3.mlp.experts.linear_fc2.weight1"
+    for grouped in (False, True):
+        assert canonical_expert_name(localise_expert_name(canonical, 4, grouped), 4) == canonical
+
+
+def test_rules_cover_each_layer_kind_once():
+    rules = language_model_rules("M*-E", 3, tied_embeddings=False)
+    megatron = [r.megatron for r in rules]
+    hf = [h for r in rules for h in r.hf]
+    assert len(set(megatron)) == len(megatron) and len(set(hf)) == len(hf)
+    assert "decoder.layers.1.self_attention.linear_qkv.weight" in megatron
+    assert "backbone.layers.3.mixer.experts.2.down_proj.weight" in hf
+    assert "lm_head.weight" in hf
+    assert "lm_head.weight" not in [h for r in language_model_rules("M", None, True) for h in r.hf]
+
+
+def _released():
+    return json.loads((DATA / "nemotron-3-nano-omni-30b-a3b.released-field-names.config.json").read_text())
+
+
+def _transformers():
+    return json.loads((DATA / "nemotron-3-nano-omni-30b-a3b.config.json").read_text())
+
+
+@pytest.mark.parametrize("raw", [_released, _transformers], ids=["released", "transformers"])
+def test_export_keeps_the_scheme_and_regenerates_values(raw):
+    raw = raw()
+    cfg = hf_config.parse_config(raw)
+    fields = hf_config.provider_fields(cfg)
+    assert hf_config.export_config(cfg, fields) == raw  # unchanged model: same config
+    changed = dict(fields, hidden_size=1024, hybrid_override_pattern="M*E", num_layers=3)
+    out = hf_config.export_config(cfg, changed)
+    text = out[cfg.text_key]
+    assert text["hidden_size"] == 1024
+    if cfg.scheme == "released":
+        assert text["hybrid_override_pattern"] == "M*E" and "layers_block_type" not in text
+    else:
+        assert text["layers_block_type"] == ["linear_attention", "full_attention", "moe"]
+
+
+def test_bare_nemotron_h_config_and_old_aliases():
+    text = copy.deepcopy(_released()["llm_config"])
+    text["mamba_n_groups"] = text.pop("n_groups")
+    cfg = hf_config.parse_config(text)
+    assert cfg.scheme == "bare" and cfg.lm_prefix == ""
+    fields = hf_config.provider_fields(cfg)
+    assert fields["mamba_num_groups"] == 8
+    out = hf_config.export_config(cfg, fields)
+    assert out == text
+
+
+@pytest.mark.parametrize("mutate,message", [
+    (lambda t: t.pop("hidden_size"), "missing required field 'hidden_size'"),
+    (lambda t: t.pop("hybrid_override_pattern"), "missing required field 'layers_block_type'"),
+    (lambda t: t.__setitem__("hybrid_override_pattern", "MX"), "unknown symbol 'X'"),
+    (lambda t: t.__setitem__("mlp_hidden_act", "gelu"), "'mlp_hidden_act' = 'gelu' is not supported"),
+    (lambda t: t.__setitem__("n_routed_experts", "8"), "'n_routed_experts' must be a positive integer"),
+    (lambda t: t.__setitem__("architectures", ["LlamaForCausalLM"]) or t.pop("model_type"), "unknown architecture"),
+])
+def test_config_errors_name_the_field(mutate, message):
+    text = copy.deepcopy(_released()["llm_config"])
+    mutate(text)
+    with pytest.raises(ConversionError, match=message.replace("(", r"\(").replace("*", r"\*")):
+        hf_config.parse_config(text)
