@@ -62,9 +62,10 @@ def _seed_rng_tracker(seed: int) -> None:
     if torch.cuda.is_available():
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
     else:
-        from providers.cpu_compat import seed_cpu_rng_tracker
+        from providers import cpu_compat
 
-        seed_cpu_rng_tracker(seed)
+        cpu_compat.apply_cpu_patches()
+        cpu_compat.cpu_manual_seed(seed)
 
 
 def layout() -> dict:

@@ -14,7 +14,7 @@ from transformers import NemotronHForCausalLM
 
 from bridge import AutoBridge
 from bridge.checkpoint import META_NAME, TRACKER_NAME
-from tests.hf_models import build_hf_model, save_hf_model, tiny_config
+from bridge.tiny_models import build_hf_model, save_hf_model, tiny_config
 from tests.parity import hf_logits, max_error, megatron_logits, tolerance
 
 BIN = Path(sys.executable).parent

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from bridge import AutoBridge
-from tests.hf_models import build_hf_model, save_hf_model, tiny_config
+from bridge.tiny_models import build_hf_model, save_hf_model, tiny_config
 from tests.parity import hf_logits, max_error, megatron_logits, tolerance
 
 CONFIGS = {

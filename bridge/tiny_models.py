@@ -1,4 +1,5 @@
-"""Tiny NemotronH checkpoints built with transformers' own classes (random weights), for tests."""
+"""Tiny NemotronH checkpoints built with transformers' own classes (random weights), for the
+quick start, the examples and the tests. Never downloads anything."""
 
 from __future__ import annotations
 
