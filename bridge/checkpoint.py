@@ -51,6 +51,7 @@ def save(model, path: Path, meta: Dict, assets_dir: Optional[Path], overwrite: b
     if dist.is_initialized() and dist.get_world_size() > 1:
         raise NotImplementedError("multi-rank Megatron checkpoint saving is not implemented yet")
     with atomic_output_dir(path, overwrite=overwrite) as tmp:
+        (tmp / RELEASE_DIR).mkdir(exist_ok=True)
         dist_checkpointing.save(_sharded_state(model), str(tmp / RELEASE_DIR))
         if rank == 0:
             (tmp / TRACKER_NAME).write_text(RELEASE_DIR)

@@ -8,8 +8,11 @@ traceback. Outputs are written to a hidden sibling and renamed into place only w
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 import traceback
+import warnings
 from typing import Callable, List, Optional
 
 from conversion.errors import ConversionError
@@ -18,6 +21,10 @@ from conversion.errors import ConversionError
 def _run(main: Callable[[argparse.Namespace], None], parser: argparse.ArgumentParser,
          argv: Optional[List[str]]) -> int:
     args = parser.parse_args(argv)
+    if not args.debug:  # megatron's import-time and CPU-path warnings are noise for a conversion
+        warnings.filterwarnings("ignore")
+        os.environ.setdefault("PYTHONWARNINGS", "ignore")  # also in dist_checkpointing's workers
+        logging.getLogger("megatron").setLevel(logging.ERROR)
     try:
         main(args)
         return 0

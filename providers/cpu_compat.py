@@ -1,0 +1,652 @@
+"""CPU accommodations for megatron-core 0.16.1's hybrid Mamba model, all in one place.
+
+`apply_cpu_patches()` lets `MambaModel` (Mamba2 `M`, attention `*`, MLP `-` and MoE `E` layers)
+build and run forward and backward on a machine without CUDA, Transformer Engine (TE), mamba-ssm,
+causal-conv1d, triton or apex. It is idempotent and does nothing at all when
+`torch.cuda.is_available()`: the GPU path runs megatron-core untouched.
+
+The CPU build uses the spec of `providers.layer_specs.get_mamba_stack_spec(use_te=False, ...)`,
+whose parameter names equal the TE spec's, and the model config must set (the provider's job):
+
+* ``use_mamba_mem_eff_path=False``: the memory-efficient training path calls mamba-ssm's fused
+  ``mamba_split_conv1d_scan_combined`` (no torch version here); the other path (``_ssm_prefill``)
+  uses ``nn.Conv1d`` when causal-conv1d is absent and the pure-torch scan below.
+* ``masked_softmax_fusion=False`` (the local ``DotProductAttention`` would otherwise look for
+  megatron's fused-softmax CUDA kernels with fp16/bf16 inputs), ``persist_layer_norm=False``,
+  ``bias_dropout_fusion=False``, ``apply_rope_fusion=False``, ``gradient_accumulation_fusion=False``.
+* ``moe_grouped_gemm=False`` (grouped GEMM needs TE; the CPU spec uses ``SequentialMLP`` experts),
+  ``moe_permute_fusion=False`` and ``moe_router_fusion=False`` (TE kernels),
+  ``moe_shared_expert_overlap=False`` (CUDA side streams). ``moe_token_dispatcher_type`` may be
+  ``"alltoall"`` (as the release) or ``"allgather"``.
+* Parallelism: TP=2 (with sequence parallelism, which megatron requires for MoE + TP in training)
+  and EP=2 were checked with 2-process gloo groups; a single process is the usual CPU case.
+
+Patches (each is applied only when CUDA is unavailable, and each is as narrow as we could make it):
+
+1. ``megatron.core.inference.contexts.attention_context.triton.tensor_ops``: the Mamba mixer
+   imports three triton kernels from it at module level and ``import triton`` fails. We register a
+   stand-in module (only if the real import fails) whose functions raise ``NotImplementedError``:
+   they are used only by dynamic-batching inference, which also needs causal-conv1d's varlen
+   kernels and is not supported on CPU.
+2. ``torch.cuda.*`` as seen by a fixed list of megatron modules (`_CUDA_PROXY_MODULES`): those
+   modules allocate with ``device=torch.cuda.current_device()`` (Mamba mixer parameters, MoE router
+   buffers, the tensor-parallel linears/embedding and TP>1 mappings, ``GlobalMemoryBuffer`` used by
+   the local attention, attention KV-cache buffers, the off-by-one softmax offset) and the alltoall
+   dispatcher creates/uses CUDA streams and events. We replace the module-global name ``torch``
+   *in those modules only* by a proxy that forwards everything to ``torch`` except ``torch.cuda``, whose ``current_device()`` is
+   the default device (cpu, or meta inside ``with torch.device("meta")``), ``Stream``/``current_stream``/``stream``/``synchronize``/``Event`` are
+   no-ops. Global ``torch.cuda`` is left alone (other libraries keep their own checks).
+3. ``megatron.core.fusions.fused_softmax.get_default_causal_mask`` and
+   ``get_sliding_window_causal_mask``: megatron's versions (transformer/utils.py) build the mask
+   with a literal ``device="cuda"``; with ``attention_mask=None`` and a causal mask type the local
+   softmax builds it on every call. Replaced (in fused_softmax's namespace only) by CPU versions.
+4. RNG tracker: ``model_parallel_cuda_manual_seed`` seeds/forks CUDA generators. We install
+   megatron's own inference tracker (``initialize_rng_tracker(inference_rng_tracker=True)``), whose
+   ``add``/``set_states`` are no-ops and ``fork()`` a null context, so parameter init and dropout
+   draw from the CPU default generator (seed it with ``torch.manual_seed`` or
+   `cpu_manual_seed`). A later ``model_parallel_cuda_manual_seed(seed)`` (without
+   ``force_reset_rng``) keeps this tracker and works too (``torch.cuda.manual_seed`` is lazy).
+5. ``megatron.core.transformer.moe.moe_utils.te_general_gemm``: referenced by the router gating
+   GEMM but only bound when TE imports, so the router raises ``NameError`` without TE. Set to
+   ``None`` (megatron's own fallback to ``torch.mm`` then runs).
+6. ``maybe_move_tensor_to_cpu`` as imported by ``token_dispatcher``: the alltoall dispatcher relies
+   on it to turn the split sizes into host numpy arrays, but it only acts on CUDA tensors, so on
+   CPU the splits stay tensors and ``all_to_all_single`` fails (EP > 1), and ``.tolist()`` on the
+   TP splits is then called on the wrong type. On CPU it returns ``tensor.numpy()`` where megatron
+   asks for numpy (as it does for CUDA tensors). Checked with 2-process gloo runs (EP=2, TP=2+SP).
+7. Mamba mixer (``megatron.core.ssm.mamba_mixer``): without mamba-ssm it refuses to build
+   (``HAVE_MAMBA_SSM``), its ``RMSNormGated``/``ExtendedRMSNorm`` are built on a ``MagicMock`` and
+   ``mamba_chunk_scan_combined`` is missing. We set ``HAVE_MAMBA_SSM = True`` and provide
+   `GatedRMSNorm` (mamba-ssm's ``layernorm_gated.RMSNorm`` signature and semantics, pure torch),
+   `ExtendedRMSNorm` (the same plus megatron's TP-sharded ``sharded_state_dict``), the chunked SSD
+   scan `mamba_chunk_scan_combined` (pure torch, autograd) and a ``mamba_split_conv1d_scan_combined``
+   that raises with a message asking for ``use_mamba_mem_eff_path=False``.
+   ``selective_state_update``/``causal_conv1d_*`` stay ``None``: megatron has torch fallbacks.
+8. ``megatron.core.ssm.mamba_block.TENorm``: ``MambaStack.final_norm`` is hard-wired to TE's
+   ``TENorm``. Replaced (in mamba_block's namespace only) by `TorchNorm`, which takes TENorm's
+   arguments, has its parameter names (``weight``, plus ``bias`` for LayerNorm) and, like TE >= 2,
+   an ``_extra_state`` entry (None here) so state dicts have the same keys.
+
+Not covered (not needed to build / run forward and backward): dist-checkpoint *saving* on CPU
+(``dist_checkpointing.strategies.filesystem_async`` calls ``torch.cuda.synchronize()`` and needs
+``psutil``), ``moe_utils.track_moe_metrics`` (training-loop logging, literal ``device="cuda"``),
+dynamic-batching inference, packed sequences (``seq_idx``/``cu_seqlens``) and the memory-efficient
+Mamba path. megatron's ``squared_relu`` is ``torch.compile``d; on CPU that works (inductor + gcc)
+but costs ~10 s of compilation on first use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import sys
+import types
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "apply_cpu_patches",
+    "cpu_config_overrides",
+    "cpu_manual_seed",
+    "mamba_chunk_scan_combined",
+    "gated_rms_norm",
+    "GatedRMSNorm",
+    "ExtendedRMSNorm",
+    "TorchNorm",
+    "apply_norm",
+]
+
+_APPLIED = False
+
+_TRITON_TENSOR_OPS = "megatron.core.inference.contexts.attention_context.triton.tensor_ops"
+
+# Modules whose `torch.cuda.*` calls (current_device / streams / events) get the CPU proxy, and
+# what fails without it (checked by removing each one).
+_CUDA_PROXY_MODULES = (
+    "megatron.core.ssm.mamba_mixer",  # conv1d / dt_bias / A_log / D / norm allocation
+    "megatron.core.transformer.moe.router",  # expert_bias & token-count buffers, weight .to()
+    "megatron.core.transformer.moe.token_dispatcher",  # alltoall: torch.cuda.Stream, events
+    "megatron.core.tensor_parallel.layers",  # linear/embedding params (no use_cpu_initialization)
+    "megatron.core.utils",  # GlobalMemoryBuffer (local attention's score buffer)
+    "megatron.core.tensor_parallel.mappings",  # TP > 1 gathers / all-to-all output buffers
+    "megatron.core.transformer.dot_product_attention",  # softmax_type off-by-one / learnable
+    "megatron.core.transformer.attention",  # static-batching inference KV-cache allocation
+    # dist_checkpointing's torch_dist writer: torch.cuda.synchronize() before writing.
+    "megatron.core.dist_checkpointing.strategies.filesystem_async",
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver",  # failure flag all-reduce
+)
+
+
+# --------------------------------------------------------------------------- pure-torch kernels
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """fp32 (as the CUDA kernels), or fp64 for fp64 inputs (exact reference checks)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _segsum(x: torch.Tensor) -> torch.Tensor:
+    """Stable segment sum: out[..., i, j] = sum(x[..., j+1:i+1]) for i >= j, -inf above diagonal."""
+    t = x.size(-1)
+    x = x[..., None].expand(*x.shape, t)  # [..., i(src k), j]
+    mask = torch.tril(torch.ones(t, t, device=x.device, dtype=torch.bool), diagonal=-1)
+    x = x.masked_fill(~mask, 0)
+    x_segsum = torch.cumsum(x, dim=-2)
+    mask = torch.tril(torch.ones(t, t, device=x.device, dtype=torch.bool), diagonal=0)
+    return x_segsum.masked_fill(~mask, -torch.inf)
+
+
+def mamba_chunk_scan_combined(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    chunk_size: int,
+    D: Optional[torch.Tensor] = None,
+    z: Optional[torch.Tensor] = None,
+    dt_bias: Optional[torch.Tensor] = None,
+    initial_states: Optional[torch.Tensor] = None,
+    seq_idx: Optional[torch.Tensor] = None,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    dt_softplus: bool = False,
+    dt_limit: Tuple[float, float] = (0.0, float("inf")),
+    return_final_states: bool = False,
+    return_varlen_states: bool = False,
+    **unused,
+):
+    """Pure-PyTorch chunked SSD scan with the semantics of mamba-ssm's Triton kernel.
+
+    Shapes: x [b, l, h, p], dt [b, l, h], A [h], B/C [b, l, g, n] (h % g == 0), D [h] or [h, p],
+    z [b, l, h, p], dt_bias [h], initial_states [b, h, p, n]. Returns y [b, l, h, p] (x's dtype)
+    and, with ``return_final_states``, also the final state [b, h, p, n] (fp32).
+
+    dt = softplus(dt + dt_bias) if dt_softplus, clamped to dt_limit only when dt_limit is not the
+    default (0, inf) (as the kernel); y_t = C_t . h_t + D * x_t, h_t = exp(dt_t A) h_{t-1} +
+    dt_t B_t x_t; with z, y *= silu(z). Computed in fp32 (fp64 for fp64 inputs; the chunked "ssd_minimal" form, so the
+    backward is plain autograd). ``seq_idx`` / ``cu_seqlens`` (packed sequences, varlen states) are
+    not supported.
+    """
+    if seq_idx is not None or cu_seqlens is not None or return_varlen_states:
+        raise NotImplementedError(
+            "The pure-torch mamba_chunk_scan_combined does not support seq_idx / cu_seqlens / "
+            "varlen states (packed sequences, dynamic batching)."
+        )
+    batch, seqlen, nheads, headdim = x.shape
+    ngroups, dstate = B.shape[2], B.shape[3]
+    assert nheads % ngroups == 0, (nheads, ngroups)
+    out_dtype = x.dtype
+    cdt = _compute_dtype(x)
+
+    dt = dt.to(cdt)
+    if dt_bias is not None:
+        dt = dt + dt_bias.to(cdt)
+    if dt_softplus:
+        dt = F.softplus(dt)  # threshold 20, as the kernel
+    if tuple(dt_limit) != (0.0, float("inf")):
+        dt = dt.clamp(min=dt_limit[0], max=dt_limit[1])
+
+    xf = x.to(cdt)
+    Bf = B.to(cdt).repeat_interleave(nheads // ngroups, dim=2)  # [b, l, h, n]
+    Cf = C.to(cdt).repeat_interleave(nheads // ngroups, dim=2)
+    A = A.to(cdt)
+
+    pad = (-seqlen) % chunk_size
+    if pad:
+        # Padded steps have dt = 0: no input and a decay of exp(0) = 1, so the state is unchanged.
+        xf_p = F.pad(xf, (0, 0, 0, 0, 0, pad))
+        dt_p = F.pad(dt, (0, 0, 0, pad))
+        Bf = F.pad(Bf, (0, 0, 0, 0, 0, pad))
+        Cf = F.pad(Cf, (0, 0, 0, 0, 0, pad))
+    else:
+        xf_p, dt_p = xf, dt
+    nchunks = (seqlen + pad) // chunk_size
+
+    def chunk(t):
+        return t.reshape(batch, nchunks, chunk_size, *t.shape[2:])
+
+    xdt = chunk(xf_p * dt_p[..., None])  # [b, c, l, h, p]
+    Bc, Cc = chunk(Bf), chunk(Cf)  # [b, c, l, h, n]
+    dA = chunk(dt_p * A).permute(0, 3, 1, 2)  # [b, h, c, l]
+    dA_cumsum = torch.cumsum(dA, dim=-1)
+
+    # 1. Intra-chunk (diagonal blocks).
+    L = torch.exp(_segsum(dA))  # [b, h, c, l, s]
+    y_diag = torch.einsum("bclhn,bcshn,bhcls,bcshp->bclhp", Cc, Bc, L, xdt)
+
+    # 2. State at the end of each chunk (from the chunk's own inputs).
+    decay_states = torch.exp(dA_cumsum[..., -1:] - dA_cumsum)  # [b, h, c, l]
+    states = torch.einsum("bclhn,bhcl,bclhp->bchpn", Bc, decay_states, xdt)
+
+    # 3. Inter-chunk recurrence.
+    if initial_states is None:
+        init = torch.zeros_like(states[:, :1])
+    else:
+        init = initial_states.to(cdt)[:, None]
+    states = torch.cat([init, states], dim=1)  # [b, c+1, h, p, n]
+    decay_chunk = torch.exp(_segsum(F.pad(dA_cumsum[..., -1], (1, 0))))  # [b, h, c+1, c+1]
+    new_states = torch.einsum("bhzc,bchpn->bzhpn", decay_chunk, states)
+    states, final_state = new_states[:, :-1], new_states[:, -1]
+
+    # 4. State -> output (off-diagonal blocks).
+    state_decay_out = torch.exp(dA_cumsum)  # [b, h, c, l]
+    y_off = torch.einsum("bclhn,bchpn,bhcl->bclhp", Cc, states, state_decay_out)
+
+    y = (y_diag + y_off).reshape(batch, nchunks * chunk_size, nheads, headdim)[:, :seqlen]
+    if D is not None:
+        Df = D.to(cdt)
+        y = y + xf * (Df if Df.dim() == 2 else Df[:, None])
+    if z is not None:
+        y = y * F.silu(z.to(cdt))
+    y = y.to(out_dtype)
+    if return_final_states:
+        return y, final_state
+    return y
+
+
+def _mamba_split_conv1d_scan_combined_unavailable(*args, **kwargs):
+    raise RuntimeError(
+        "mamba_split_conv1d_scan_combined (the memory-efficient Mamba path) needs mamba-ssm's "
+        "Triton kernels; on CPU set TransformerConfig.use_mamba_mem_eff_path=False."
+    )
+
+
+def gated_rms_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    z: Optional[torch.Tensor] = None,
+    eps: float = 1e-6,
+    group_size: Optional[int] = None,
+    norm_before_gate: bool = True,
+) -> torch.Tensor:
+    """mamba-ssm's ``rmsnorm_fn``: group-wise RMSNorm with an optional silu(z) gate, in fp32.
+
+    norm_before_gate=False: y = rmsnorm_per_group(x * silu(z)) * weight (+ bias);
+    norm_before_gate=True:  y = (rmsnorm_per_group(x) * weight (+ bias)) * silu(z).
+    Returns x's dtype.
+    """
+    dtype = x.dtype
+    d = x.shape[-1]
+    group_size = d if group_size is None else group_size
+    assert d % group_size == 0, (d, group_size)
+    cdt = _compute_dtype(x)
+    xf = x.to(cdt)
+    if z is not None and not norm_before_gate:
+        xf = xf * F.silu(z.to(cdt))
+    xg = xf.reshape(*xf.shape[:-1], d // group_size, group_size)
+    xg = xg * torch.rsqrt(xg.pow(2).mean(-1, keepdim=True) + eps)
+    y = xg.reshape(xf.shape) * weight.to(cdt)
+    if bias is not None:
+        y = y + bias.to(cdt)
+    if z is not None and norm_before_gate:
+        y = y * F.silu(z.to(cdt))
+    return y.to(dtype)
+
+
+class GatedRMSNorm(nn.Module):
+    """Pure-torch ``mamba_ssm.ops.triton.layernorm_gated.RMSNorm`` (same signature, parameters)."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        eps: float = 1e-5,
+        group_size: Optional[int] = None,
+        norm_before_gate: bool = True,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(hidden_size, device=device, dtype=dtype))
+        self.register_parameter("bias", None)
+        self.group_size = group_size
+        self.norm_before_gate = norm_before_gate
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        nn.init.ones_(self.weight)
+
+    def forward(self, x, z=None):
+        return gated_rms_norm(
+            x,
+            self.weight,
+            self.bias,
+            z=z,
+            eps=self.eps,
+            group_size=self.group_size,
+            norm_before_gate=self.norm_before_gate,
+        )
+
+
+class ExtendedRMSNorm(GatedRMSNorm):
+    """`GatedRMSNorm` with megatron's ``ExtendedRMSNorm.sharded_state_dict`` (weight TP axis 0)."""
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        """Sharding along axis 0, bias not sharded (as megatron's ExtendedRMSNorm)."""
+        from megatron.core import parallel_state
+        from megatron.core.transformer.utils import (
+            ensure_metadata_has_dp_cp_group,
+            make_sharded_tensors_for_checkpoint,
+        )
+
+        metadata = ensure_metadata_has_dp_cp_group(metadata)
+        if not hasattr(self, "tp_group"):
+            self.tp_group = parallel_state.get_tensor_model_parallel_group()
+        state_dict = self.state_dict(prefix="", keep_vars=True)
+        return make_sharded_tensors_for_checkpoint(
+            state_dict,
+            prefix,
+            {"weight": 0},
+            sharded_offsets,
+            tp_group=self.tp_group,
+            dp_cp_group=metadata["dp_cp_group"],
+        )
+
+
+def apply_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    eps: float,
+    normalization: str = "RMSNorm",
+    zero_centered_gamma: bool = False,
+) -> torch.Tensor:
+    """RMSNorm / LayerNorm over the last dim, computed in fp32 and cast back to x's dtype."""
+    cdt = _compute_dtype(x)
+    xf = x.to(cdt)
+    w = weight.to(cdt)
+    if zero_centered_gamma:
+        w = w + 1.0
+    if normalization == "RMSNorm":
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * w
+    elif normalization == "LayerNorm":
+        y = F.layer_norm(xf, (xf.shape[-1],), w, None if bias is None else bias.to(cdt), eps)
+    else:
+        raise ValueError(f"Unsupported normalization {normalization!r} (RMSNorm or LayerNorm)")
+    return y.to(x.dtype)
+
+
+def _ignore_missing_extra_state_hook(state_dict, prefix, *args, **kwargs):
+    """Load pre-hook: checkpoints without an `_extra_state` entry load too."""
+    state_dict.setdefault(f"{prefix}_extra_state")
+
+
+class TorchNorm(nn.Module):
+    """Drop-in for TE's ``TENorm(config, hidden_size, eps)`` (RMSNorm or LayerNorm by config).
+
+    Parameters ``weight`` (and ``bias`` for LayerNorm) in ``config.params_dtype``, initialised as
+    TE does (ones, or zeros with ``layernorm_zero_centered_gamma``). Like TE >= 2 norms it has an
+    ``_extra_state`` state-dict entry (None here, ignored on load) so the keys match the TE build.
+    """
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5):
+        super().__init__()
+        self.normalization = config.normalization
+        if self.normalization not in ("RMSNorm", "LayerNorm"):
+            raise ValueError(f"Only LayerNorm and RMSNorm are supported, got {config.normalization}")
+        self.eps = eps
+        self.zero_centered_gamma = config.layernorm_zero_centered_gamma
+        dtype = config.params_dtype
+        self.weight = nn.Parameter(torch.empty(hidden_size, dtype=dtype))
+        if self.normalization == "LayerNorm":
+            self.bias = nn.Parameter(torch.empty(hidden_size, dtype=dtype))
+        else:
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+        for p in (self.weight, self.bias):
+            if p is not None:
+                setattr(p, "sequence_parallel", config.sequence_parallel)
+        self._register_load_state_dict_pre_hook(_ignore_missing_extra_state_hook)
+
+    def reset_parameters(self):
+        with torch.no_grad():
+            self.weight.fill_(0.0 if self.zero_centered_gamma else 1.0)
+            if self.bias is not None:
+                self.bias.zero_()
+
+    def forward(self, x):
+        return apply_norm(
+            x, self.weight, self.bias, self.eps, self.normalization, self.zero_centered_gamma
+        )
+
+    def get_extra_state(self):
+        """Mirror TE's `_extra_state` key (no FP8 metadata on CPU)."""
+        return None
+
+    def set_extra_state(self, state):
+        """TE extra state (FP8 metadata) is ignored on CPU."""
+
+    def extra_repr(self):
+        return f"{self.weight.shape[0]}, eps={self.eps}, {self.normalization}"
+
+
+# --------------------------------------------------------------------------- proxies / stand-ins
+class _NullStream:
+    """Stand-in for torch.cuda.Stream / Event on CPU: every operation is a no-op."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_stream(self, *args, **kwargs):
+        pass
+
+    def wait_event(self, *args, **kwargs):
+        pass
+
+    def record_event(self, *args, **kwargs):
+        return _NullStream()
+
+    def record(self, *args, **kwargs):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def query(self):
+        return True
+
+    def elapsed_time(self, *args):
+        return 0.0
+
+
+_NULL_STREAM = _NullStream()
+
+
+class _CpuCuda:
+    """`torch.cuda` as seen by the patched megatron modules on a machine without CUDA."""
+
+    Stream = _NullStream
+    Event = _NullStream
+
+    def __getattr__(self, name):
+        return getattr(torch.cuda, name)
+
+    @staticmethod
+    def current_device():
+        # The default device, not a literal "cpu": under `with torch.device("meta")` megatron's
+        # explicit `device=torch.cuda.current_device()` then builds on meta (full-size checks).
+        return torch.get_default_device()
+
+    @staticmethod
+    def current_stream(device=None):
+        return _NULL_STREAM
+
+    @staticmethod
+    def default_stream(device=None):
+        return _NULL_STREAM
+
+    @staticmethod
+    def stream(stream=None):
+        return contextlib.nullcontext()
+
+    @staticmethod
+    def synchronize(device=None):
+        pass
+
+
+class _CpuTorch(types.ModuleType):
+    """Module-level `torch` stand-in: forwards everything to torch except `.cuda`."""
+
+    def __init__(self):
+        super().__init__("torch")
+        self.cuda = _CpuCuda()
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+
+_CPU_TORCH = _CpuTorch()
+
+
+def _raise_dynamic_inference(*args, **kwargs):
+    raise NotImplementedError(
+        "Mamba dynamic-batching inference uses triton kernels and is not supported on CPU."
+    )
+
+
+def _install_triton_tensor_ops_stub():
+    """Patch 1: stand-in for the triton tensor_ops module, only if the real one cannot import."""
+    if _TRITON_TENSOR_OPS in sys.modules:
+        return
+    try:
+        importlib.import_module(_TRITON_TENSOR_OPS)
+    except ImportError:
+        stub = types.ModuleType(_TRITON_TENSOR_OPS)
+        stub.__doc__ = "CPU stand-in (providers.cpu_compat): triton is not installed."
+        stub.tensor_get_slice_after = _raise_dynamic_inference
+        stub.tensor_merge = _raise_dynamic_inference
+        stub.tensor_masked_update = _raise_dynamic_inference
+        sys.modules[_TRITON_TENSOR_OPS] = stub
+
+
+def _cpu_default_causal_mask(sq: int) -> torch.Tensor:
+    return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
+
+
+def _cpu_sliding_window_causal_mask(sq, skv, window_size):
+    m = torch.ones(sq, skv, dtype=torch.bool)
+    mu = torch.triu(m, diagonal=skv - sq - window_size[0])
+    ml = torch.tril(mu, diagonal=skv - sq + window_size[1])
+    return ~ml
+
+
+def _maybe_move_tensor_to_cpu_cpu(tensor, as_numpy: bool = False, record_stream: bool = False):
+    """Patch 6: on CPU, split sizes become host numpy arrays, as megatron's does for CUDA tensors."""
+    if torch.is_tensor(tensor) and as_numpy:
+        return tensor.detach().cpu().numpy()
+    if torch.is_tensor(tensor) and tensor.device.type != "cpu":
+        return tensor.cpu()
+    return tensor
+
+
+def _install_cpu_rng_tracker():
+    """Patch 4: megatron's inference RNG tracker (no CUDA generator needed)."""
+    from megatron.core.tensor_parallel import random as mrandom
+
+    tracker = mrandom._CUDA_RNG_STATE_TRACKER
+    if tracker is not None and getattr(tracker, "is_inference_rng_tracker", False):
+        return
+    mrandom.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
+
+
+def cpu_manual_seed(seed: int) -> None:
+    """Seed the CPU generator and make sure the CPU RNG tracker is installed."""
+    torch.manual_seed(seed)
+    if not torch.cuda.is_available():
+        _install_cpu_rng_tracker()
+
+
+# Config fields the CPU build needs (TE / CUDA-kernel features off); see the module docstring.
+_CPU_CONFIG_OVERRIDES = {
+    "use_mamba_mem_eff_path": False,
+    "masked_softmax_fusion": False,
+    "persist_layer_norm": False,
+    "bias_dropout_fusion": False,
+    "bias_activation_fusion": False,
+    "apply_rope_fusion": False,
+    "gradient_accumulation_fusion": False,
+    "cross_entropy_loss_fusion": False,
+    "moe_grouped_gemm": False,
+    "moe_permute_fusion": False,
+    "moe_router_fusion": False,
+    "moe_shared_expert_overlap": False,
+    "use_te_rng_tracker": False,
+}
+
+
+def cpu_config_overrides(config=None) -> dict:
+    """TransformerConfig fields to set for the CPU build ({} when CUDA is available).
+
+    With ``config``, only fields it has are returned. ``moe_token_dispatcher_type`` is left as is
+    ("alltoall" and "allgather" both run on CPU).
+    """
+    if torch.cuda.is_available():
+        return {}
+    return {
+        k: v
+        for k, v in _CPU_CONFIG_OVERRIDES.items()
+        if config is None or hasattr(config, k)
+    }
+
+
+def apply_cpu_patches() -> bool:
+    """Apply all CPU accommodations (see the module docstring). Idempotent.
+
+    Returns True if the patches are (now) in place, False when CUDA is available (nothing done).
+    """
+    global _APPLIED
+    if torch.cuda.is_available():
+        return False
+    if _APPLIED:
+        return True
+
+    # 1. triton tensor_ops stand-in, before anything imports the Mamba mixer.
+    _install_triton_tensor_ops_stub()
+
+    # 2. torch.cuda proxy in the modules that allocate on / synchronise with the current device.
+    for name in _CUDA_PROXY_MODULES:
+        module = importlib.import_module(name)
+        if getattr(module, "torch", None) is torch:
+            module.torch = _CPU_TORCH
+
+    # 3. CPU causal masks for the unfused softmax.
+    from megatron.core.fusions import fused_softmax
+
+    fused_softmax.get_default_causal_mask = _cpu_default_causal_mask
+    fused_softmax.get_sliding_window_causal_mask = _cpu_sliding_window_causal_mask
+
+    # 4. RNG tracker.
+    _install_cpu_rng_tracker()
+
+    # 5. te_general_gemm NameError in the router GEMM.
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+    # 6. alltoall split sizes as plain lists.
+    from megatron.core.transformer.moe import token_dispatcher
+
+    token_dispatcher.maybe_move_tensor_to_cpu = _maybe_move_tensor_to_cpu_cpu
+
+    # 7. Mamba mixer without mamba-ssm.
+    from megatron.core.ssm import mamba_mixer
+
+    if not mamba_mixer.HAVE_MAMBA_SSM:
+        mamba_mixer.HAVE_MAMBA_SSM = True
+        mamba_mixer.RMSNormGated = GatedRMSNorm
+        mamba_mixer.ExtendedRMSNorm = ExtendedRMSNorm
+        mamba_mixer.mamba_chunk_scan_combined = mamba_chunk_scan_combined
+        mamba_mixer.mamba_split_conv1d_scan_combined = (
+            _mamba_split_conv1d_scan_combined_unavailable
+        )
+
+    # 8. MambaStack.final_norm without TE.
+    from megatron.core.ssm import mamba_block
+
+    mamba_block.TENorm = TorchNorm
+
+    _APPLIED = True
+    return True

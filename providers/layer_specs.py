@@ -1,0 +1,255 @@
+"""Layer specs for megatron-core's hybrid Mamba stack: the TE spec, and a CPU spec with its names.
+
+`get_mamba_stack_spec(use_te=True, ...)` is megatron's own ``mamba_stack_spec``
+(megatron/core/models/mamba/mamba_layer_specs.py) with the MoE submodule rebuilt for the requested
+grouped-GEMM setting. `get_mamba_stack_spec(use_te=False, ...)` builds the same layer structure from
+megatron-core's non-TE modules (``ColumnParallelLinear``, ``RowParallelLinear``,
+``DotProductAttention``, ``SequentialMLP``) plus the smallest subclasses needed to reproduce the TE
+parameter names, so ``state_dict()`` / ``named_parameters()`` / ``sharded_state_dict()`` keys are
+the TE build's:
+
+* `LayerNormColumnParallelLinear`: TE's ``TELayerNormColumnParallelLinear`` fuses the pre-norm
+  into the linear (``layer_norm_weight`` [+ ``layer_norm_bias``] next to ``weight``). Here it is a
+  ``ColumnParallelLinear`` that normalises its input first; the norm parameters are replicated
+  across TP in ``sharded_state_dict`` (as in TE: only ``weight``/``bias`` get a TP axis).
+* `DotProductAttention`: megatron's local attention plus an ``_extra_state`` state-dict entry, as
+  TE's ``TEDotProductAttention`` has (it is not part of either build's sharded state dict).
+* ``providers.cpu_compat.TorchNorm`` in place of ``TENorm`` (MoE ``pre_mlp_layernorm``; the
+  stack's ``final_norm`` is patched by ``apply_cpu_patches``).
+
+The non-TE spec needs ``providers.cpu_compat.apply_cpu_patches()`` on a machine without CUDA (it is
+called here; a no-op with CUDA). With TE grouped GEMM the experts are ``TEGroupedMLP``, whose
+parameters are ``mlp.experts.linear_fc1.weight{e}``; the CPU spec always uses ``SequentialMLP``
+(``mlp.experts.local_experts.{e}.linear_fc1.weight``), the TE spec with ``moe_grouped_gemm=False``
+too. Both expert modules emit the same dist-checkpoint (sharded) keys.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+from torch import nn
+
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear
+from megatron.core.transformer.dot_product_attention import (
+    DotProductAttention as _LocalDotProductAttention,
+)
+
+from providers import cpu_compat
+
+# Any positive number: the expert module classes do not depend on it.
+_SPEC_NUM_EXPERTS = 8
+
+
+class LayerNormColumnParallelLinear(ColumnParallelLinear):
+    """``ColumnParallelLinear`` with a fused input norm, named like TE's LayerNormLinear.
+
+    Norm: ``config.normalization`` (RMSNorm or LayerNorm), eps ``config.layernorm_epsilon``,
+    ``config.layernorm_zero_centered_gamma``; computed in fp32. Parameters ``layer_norm_weight``
+    (and ``layer_norm_bias`` for LayerNorm) are replicated across TP in sharded_state_dict
+    (ColumnParallelLinear only shards ``weight``/``bias`` on axis 0), as in TE. With sequence
+    parallelism the norm runs on the local sequence shard before the all-gather, as in TE.
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int,
+        *,
+        config,
+        init_method,
+        gather_output: bool,
+        bias: bool,
+        skip_bias_add: bool,
+        is_expert: bool,
+        skip_weight_param_allocation: bool = False,
+        tp_comm_buffer_name: str = None,
+        tp_group=None,
+        stride: int = 1,
+    ):
+        if gather_output:
+            raise ValueError("LayerNormColumnParallelLinear (as TE's) needs gather_output=False")
+        if is_expert:
+            raise ValueError("LayerNormColumnParallelLinear (as TE's) is not an expert layer")
+        super().__init__(
+            input_size,
+            output_size,
+            config=config,
+            init_method=init_method,
+            bias=bias,
+            gather_output=gather_output,
+            stride=stride,
+            skip_bias_add=skip_bias_add,
+            skip_weight_param_allocation=skip_weight_param_allocation,
+            is_expert=is_expert,
+            tp_comm_buffer_name=tp_comm_buffer_name,
+            tp_group=tp_group,
+        )
+        self.normalization = config.normalization
+        if self.normalization not in ("RMSNorm", "LayerNorm"):
+            raise ValueError(f"Unsupported normalization {config.normalization!r}")
+        self.eps = config.layernorm_epsilon
+        self.zero_centered_gamma = config.layernorm_zero_centered_gamma
+        device = self.weight.device if self.weight is not None else None
+        self.layer_norm_weight = nn.Parameter(
+            torch.empty(input_size, dtype=config.params_dtype, device=device)
+        )
+        if self.normalization == "LayerNorm":
+            self.layer_norm_bias = nn.Parameter(
+                torch.empty(input_size, dtype=config.params_dtype, device=device)
+            )
+        else:
+            self.layer_norm_bias = None
+        with torch.no_grad():
+            self.layer_norm_weight.fill_(0.0 if self.zero_centered_gamma else 1.0)
+            if self.layer_norm_bias is not None:
+                self.layer_norm_bias.zero_()
+        for p in (self.layer_norm_weight, self.layer_norm_bias):
+            if p is not None:
+                setattr(p, "sequence_parallel", config.sequence_parallel)
+
+    def forward(self, input_, weight=None, runtime_gather_output=None):
+        normed = cpu_compat.apply_norm(
+            input_,
+            self.layer_norm_weight,
+            self.layer_norm_bias,
+            self.eps,
+            self.normalization,
+            self.zero_centered_gamma,
+        )
+        return super().forward(normed, weight=weight, runtime_gather_output=runtime_gather_output)
+
+
+class DotProductAttention(_LocalDotProductAttention):
+    """megatron's local attention with TE's ``_extra_state`` state-dict entry (None)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._register_load_state_dict_pre_hook(cpu_compat._ignore_missing_extra_state_hook)
+
+    def get_extra_state(self):
+        """Mirror TEDotProductAttention's `_extra_state` key (no FP8 metadata here)."""
+        return None
+
+    def set_extra_state(self, state):
+        """TE extra state (FP8 metadata) is ignored."""
+
+
+def _te_stack_spec(moe_grouped_gemm: bool):
+    from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
+    from megatron.core.models.mamba.mamba_layer_specs import mamba_stack_spec
+
+    moe = get_moe_module_spec(
+        use_te=True,
+        num_experts=_SPEC_NUM_EXPERTS,
+        moe_grouped_gemm=moe_grouped_gemm,
+        moe_use_legacy_grouped_gemm=False,
+    )
+    # Shallow copies along the path to the MoE submodule: megatron's module-level spec object is
+    # left untouched, everything else is shared with it.
+    moe_layer = mamba_stack_spec.submodules.moe_layer
+    moe_layer = replace(moe_layer, submodules=replace(moe_layer.submodules, mlp=moe))
+    return replace(
+        mamba_stack_spec, submodules=replace(mamba_stack_spec.submodules, moe_layer=moe_layer)
+    )
+
+
+def _cpu_stack_spec():
+    cpu_compat.apply_cpu_patches()  # no-op with CUDA
+
+    from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+    from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
+    from megatron.core.ssm.mamba_block import MambaStack, MambaStackSubmodules
+    from megatron.core.ssm.mamba_layer import MambaLayer, MambaLayerSubmodules
+    from megatron.core.ssm.mamba_mixer import MambaMixer, MambaMixerSubmodules
+    from megatron.core.ssm.mlp_layer import MLPLayer
+    from megatron.core.tensor_parallel.layers import RowParallelLinear
+    from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.mlp import MLP, MLPSubmodules
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.transformer_layer import (
+        MoETransformerLayer,
+        TransformerLayer,
+        TransformerLayerSubmodules,
+    )
+
+    ln_linear, attention = LayerNormColumnParallelLinear, DotProductAttention
+    # Local backend, SequentialMLP experts (ColumnParallelLinear / RowParallelLinear), shared
+    # experts ColumnParallelLinear / RowParallelLinear: same names as the TE backend's.
+    moe = get_moe_module_spec(
+        use_te=False,
+        num_experts=_SPEC_NUM_EXPERTS,
+        moe_grouped_gemm=False,
+        moe_use_legacy_grouped_gemm=False,
+    )
+    return ModuleSpec(
+        module=MambaStack,
+        submodules=MambaStackSubmodules(
+            mamba_layer=ModuleSpec(
+                module=MambaLayer,
+                submodules=MambaLayerSubmodules(
+                    mixer=ModuleSpec(
+                        module=MambaMixer,
+                        submodules=MambaMixerSubmodules(
+                            in_proj=ln_linear, out_proj=RowParallelLinear
+                        ),
+                    ),
+                    mamba_bda=get_bias_dropout_add,
+                ),
+            ),
+            attention_layer=ModuleSpec(
+                module=TransformerLayer,
+                submodules=TransformerLayerSubmodules(
+                    self_attention=ModuleSpec(
+                        module=SelfAttention,
+                        params={"attn_mask_type": AttnMaskType.causal},
+                        submodules=SelfAttentionSubmodules(
+                            linear_qkv=ln_linear,
+                            core_attention=attention,
+                            linear_proj=RowParallelLinear,
+                        ),
+                    ),
+                    self_attn_bda=get_bias_dropout_add,
+                ),
+            ),
+            mlp_layer=ModuleSpec(
+                module=MLPLayer,
+                submodules=TransformerLayerSubmodules(
+                    mlp=ModuleSpec(
+                        module=MLP,
+                        submodules=MLPSubmodules(
+                            linear_fc1=ln_linear, linear_fc2=RowParallelLinear
+                        ),
+                    ),
+                    mlp_bda=get_bias_dropout_add,
+                ),
+            ),
+            moe_layer=ModuleSpec(
+                module=MoETransformerLayer,
+                submodules=TransformerLayerSubmodules(
+                    pre_mlp_layernorm=cpu_compat.TorchNorm,
+                    mlp=moe,
+                    mlp_bda=get_bias_dropout_add,
+                ),
+            ),
+        ),
+    )
+
+
+def get_mamba_stack_spec(use_te: bool, moe_grouped_gemm: bool):
+    """The ``MambaStack`` spec: TE (megatron's ``mamba_stack_spec``) or the CPU equivalent.
+
+    use_te=True: megatron's TE spec, MoE experts ``TEGroupedMLP`` if ``moe_grouped_gemm`` else
+    ``SequentialMLP`` of TE linears. use_te=False: the CPU spec (``SequentialMLP`` experts);
+    ``moe_grouped_gemm=True`` is refused there (megatron's non-TE grouped MLP is the legacy
+    ``GroupedMLP`` with different parameter names and the ``grouped_gemm`` CUDA package).
+    """
+    if use_te:
+        return _te_stack_spec(moe_grouped_gemm)
+    if moe_grouped_gemm:
+        raise ValueError(
+            "The non-TE (CPU) Mamba spec has no grouped-GEMM experts; set moe_grouped_gemm=False."
+        )
+    return _cpu_stack_spec()
