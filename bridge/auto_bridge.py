@@ -91,10 +91,11 @@ class AutoBridge:
 
     # ------------------------------------------------------------------ provider
     def default_dtype(self) -> torch.dtype:
-        if self._manifest is not None or self.hf_dir is not None:
-            first = self.hf_names()[0]
-            if first in self.manifest:
-                return dtype_from_name(self.manifest[first]["dtype"])
+        """The dtype of the HF weights (embedding), else the config's `dtype`, else bf16."""
+        has_weights = self._manifest is not None or (
+            self.hf_dir is not None and any(self.hf_dir.glob("*.safetensors")))
+        if has_weights:
+            return dtype_from_name(self.manifest[self.hf_names()[0]]["dtype"])
         name = self.config.text.get("dtype") or self.config.text.get("torch_dtype") or "bfloat16"
         return DTYPES.get(name, torch.bfloat16)
 

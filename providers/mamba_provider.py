@@ -151,7 +151,7 @@ class NemotronHModelProvider(MambaModelProvider):
     moe_shared_expert_intermediate_size: Optional[int] = 3712
     moe_router_topk_scaling_factor: Optional[float] = 2.5
     vocab_size: Optional[int] = 131072
-    seq_length: int = 8192
+    seq_length: int = 4096  # the HF config's max_position_embeddings (no position embedding is used)
     layernorm_epsilon: float = 1e-5
 
     # Settings the release trains with.
