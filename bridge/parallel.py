@@ -7,18 +7,11 @@ In a plain process a one-process gloo group is created so the CLIs need no launc
 from __future__ import annotations
 
 import os
-import socket
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def ensure_process_group() -> None:
@@ -30,9 +23,8 @@ def ensure_process_group() -> None:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group(backend=backend)
         return
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    dist.init_process_group(backend=backend, rank=0, world_size=1)
+    # One process: an in-memory store, no port (and nothing leaks into child processes' env).
+    dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
 
 
 def ensure_parallel_state(tp: int = 1, pp: int = 1, ep: int = 1, etp: Optional[int] = None,
