@@ -13,12 +13,13 @@ from megatron.core import parallel_state
 
 from conversion import hf_config
 from conversion.errors import ConversionError
+from conversion import omni
 from conversion.nemotron_h import Rule, language_model_rules
 from conversion.safetensors_io import (
     INDEX_NAME, PICKLE_NAMES, HFCheckpoint, atomic_output_dir, dtype_from_name, dtype_name, plan_shards,
     write_hf_weights,
 )
-from conversion.transforms import Dims, to_hf, to_megatron
+from conversion.transforms import Dims, Kind, to_hf, to_megatron
 from bridge import weights as W
 from bridge.parallel import ensure_parallel_state
 
@@ -68,13 +69,33 @@ class AutoBridge:
 
     # ------------------------------------------------------------------ tables
     def rules(self) -> List[Rule]:
+        """Every rule of this model, with full names: HF names as in the files, Megatron names
+        relative to a model chunk (`language_model.` first for the Omni model)."""
         text = self.config.text
-        return language_model_rules(text["_pattern"], text.get("n_routed_experts"),
-                                    bool(text.get("tie_word_embeddings")))
+        rules = language_model_rules(text["_pattern"], text.get("n_routed_experts"),
+                                     bool(text.get("tie_word_embeddings")))
+        if self.config.kind == "nemotron_h":
+            return rules
+        p = self.config.lm_prefix
+        rules = [Rule(p + r.megatron, tuple(p + h for h in r.hf), r.kind, r.layer, r.expert) for r in rules]
+        fields = self.omni_fields()
+        names = list(self.manifest) if self._has_weights() else []
+        carried = [n for n in names if omni.CARRIED.match(n)]
+        rules += omni.omni_rules(fields["vision_num_layers"], fields["separate_video_embedder"],
+                                 fields["has_sound"], carried)
+        if fields["has_sound"]:  # transformers' Parakeet module: same names on both sides
+            rules += [Rule(n, (n,), Kind.REPLICATED) for n in names if n.startswith(omni.SOUND_ENCODER_PREFIX)]
+        return rules
+
+    def omni_fields(self) -> Dict[str, Any]:
+        defaults = {"vision_num_layers": 32}
+        return {**defaults, **omni.omni_provider_fields(self.config.raw, self.config.scheme, "config.json")}
+
+    def _has_weights(self) -> bool:
+        return self._manifest is not None or (self.hf_dir is not None and any(self.hf_dir.glob("*.safetensors")))
 
     def hf_names(self) -> List[str]:
-        p = self.config.lm_prefix
-        return [p + h for rule in self.rules() for h in rule.hf]
+        return [h for rule in self.rules() for h in rule.hf]
 
     def _check_names(self, names) -> None:
         """Strictness before any work: every HF tensor maps somewhere, every mapped tensor exists."""
@@ -88,13 +109,19 @@ class AutoBridge:
         if unexpected:
             raise ConversionError(f"{self.hf_dir}: unexpected tensor {unexpected[0]!r} maps to no Megatron parameter"
                                   + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
+        ckpt = self._checkpoint
+        if ckpt is not None:  # shapes (from config.json) and dtypes of the language model, from the headers
+            from conversion import preflight
+
+            preflight.check_tensors(str(self.hf_dir), {n: ckpt.shape(n) for n in ckpt.keys()},
+                                    {n: ckpt.dtype(n) for n in ckpt.keys()},
+                                    preflight.expected_lm_tensors(self.config.text, self.config.lm_prefix),
+                                    complete=False, files=ckpt.weight_map)
 
     # ------------------------------------------------------------------ provider
     def default_dtype(self) -> torch.dtype:
         """The dtype of the HF weights (embedding), else the config's `dtype`, else bf16."""
-        has_weights = self._manifest is not None or (
-            self.hf_dir is not None and any(self.hf_dir.glob("*.safetensors")))
-        if has_weights:
+        if self._has_weights():
             return dtype_from_name(self.manifest[self.hf_names()[0]]["dtype"])
         name = self.config.text.get("dtype") or self.config.text.get("torch_dtype") or "bfloat16"
         return DTYPES.get(name, torch.bfloat16)
@@ -104,11 +131,15 @@ class AutoBridge:
 
     def to_megatron_provider(self, dtype: Optional[torch.dtype] = None):
         from providers import NemotronHModelProvider
+        from providers.omni_provider import NemotronOmniModelProvider
 
-        if self.config.kind != "nemotron_h":
-            raise ConversionError("Nemotron-Omni checkpoints are not supported yet (text-only NemotronH is)")
         dtype = dtype or self.default_dtype()
-        provider = NemotronHModelProvider(**self.provider_fields())
+        if self.config.kind == "nemotron_h":
+            provider = NemotronHModelProvider(**self.provider_fields())
+        else:
+            carried = {n: self.manifest[n] for n in self.manifest if omni.CARRIED.match(n)} if self._has_weights() else {}
+            provider = NemotronOmniModelProvider(**self.provider_fields(), **self.omni_fields(),
+                                                 carried_tensors=carried or None)
         provider.params_dtype = dtype
         provider.bf16 = dtype == torch.bfloat16
         provider.fp16 = dtype == torch.float16
@@ -126,24 +157,39 @@ class AutoBridge:
             num_attention_heads=c.num_attention_heads, num_query_groups=c.num_query_groups or c.num_attention_heads,
             kv_channels=c.kv_channels, mamba_num_heads=c.mamba_num_heads or 0, mamba_head_dim=c.mamba_head_dim,
             mamba_num_groups=c.mamba_num_groups, mamba_state_dim=c.mamba_state_dim,
+            vision_num_heads=getattr(c, "vision_num_attention_heads", 0),
         )
+
+    def _chunk_tensors(self, chunk: torch.nn.Module) -> Dict[str, torch.Tensor]:
+        """canonical name -> tensor of one model chunk: the language model's canonical names
+        (global layer / expert indices) under `language_model.` for the Omni model, plus the state
+        of the encoders, projections and carried HF tensors on the first stage."""
+        lm = self._language_model(chunk)
+        if lm is chunk:
+            return W.canonical_names(chunk)
+        out = {"language_model." + k: v for k, v in W.canonical_names(lm).items()}
+        for name, module in chunk.named_children():
+            if module is not lm:
+                out.update({f"{name}.{k}": v for k, v in module.state_dict(keep_vars=True).items()
+                            if not k.endswith("_extra_state")})
+        return out
 
     def load_hf_weights(self, model) -> None:
         """Fill every parameter of `model` (this rank's part) from the HF checkpoint. Strict."""
         checkpoint = self.checkpoint
         rules = {r.megatron: r for r in self.rules()}
         tied = bool(self.config.text.get("tie_word_embeddings"))
-        p = self.config.lm_prefix
+        m = "language_model." if self.config.kind != "nemotron_h" else ""
         for chunk in W.model_chunks(model):
             lm = self._language_model(chunk)
             dims = self._dims(lm)
-            for name, tensor in W.canonical_names(lm).items():
-                if tied and name == "output_layer.weight":  # last-stage copy of the tied embedding
-                    name = "embedding.word_embeddings.weight"
+            for name, tensor in self._chunk_tensors(chunk).items():
+                if tied and name == m + "output_layer.weight":  # last-stage copy of the tied embedding
+                    name = m + "embedding.word_embeddings.weight"
                 rule = rules.get(name)
                 if rule is None:
                     raise ConversionError(f"megatron parameter {name!r} has no HF source in the name table")
-                hf_names = [p + h for h in rule.hf]
+                hf_names = list(rule.hf)
                 try:
                     full = to_megatron(rule.kind, [checkpoint.get(n) for n in hf_names], dims)
                 except ConversionError:
@@ -154,29 +200,36 @@ class AutoBridge:
                 W.load_into(tensor, rule.kind, full, dims, ", ".join(hf_names))
 
     # ------------------------------------------------------------------ megatron -> HF
-    def export_hf_weights(self, model, cast_to_hf_dtype: bool = True) -> Iterator[Tuple[str, torch.Tensor]]:
+    def export_hf_weights(self, model, cast_to_hf_dtype: bool = True,
+                          to_all_ranks: bool = False) -> Iterator[Tuple[str, torch.Tensor]]:
         """Yield (HF name, full tensor) for every tensor of the HF checkpoint, in table order.
 
-        Tensors are gathered over tensor / expert-tensor parallel ranks. Dtypes are those of the
-        source HF checkpoint when known (so a round trip is bit-exact), else the parameters' own.
+        Every rank must iterate it (it runs collectives). Tensors are gathered over tensor /
+        expert-tensor parallel ranks, then sent from the stage / expert-parallel rank that holds them
+        to global rank 0, which alone yields them (with `to_all_ranks=True` every rank gets every
+        tensor, by broadcast). `model` is this rank's model or its list of virtual-stage chunks.
+        Dtypes are those of the source HF checkpoint when known (so a round trip is bit-exact), else
+        the parameters' own.
         """
         chunks = W.model_chunks(model)
-        if len(chunks) > 1 or parallel_state.get_pipeline_model_parallel_world_size() > 1 \
-                or parallel_state.get_expert_model_parallel_world_size() > 1:
-            raise NotImplementedError("export under pipeline or expert parallelism is not implemented yet")
-        lm = self._language_model(chunks[0])
-        dims = self._dims(lm)
-        local = W.canonical_names(lm)
-        tied = bool(self.config.text.get("tie_word_embeddings"))
+        lms = [self._language_model(c) for c in chunks]
+        dims = self._dims(lms[0])
+        local = {k: v for c in chunks for k, v in self._chunk_tensors(c).items()}
+        where = W.owners(local)
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        receives = to_all_ranks or rank == 0
         manifest = self._manifest_or_none()
-        p = self.config.lm_prefix
         for rule in self.rules():
+            if rule.megatron not in where:
+                raise ConversionError(f"megatron model has no parameter {rule.megatron!r} to export "
+                                      "(on any rank)")
+            owner, dtype = where[rule.megatron]
             tensor = local.get(rule.megatron)
-            if tensor is None:
-                raise ConversionError(f"megatron model has no parameter {rule.megatron!r} to export")
-            full = W.gather_full(tensor, rule.kind, dims)
+            full = W.gather_full(tensor, rule.kind, dims) if tensor is not None else None
+            full = W.move_full_tensor(full, owner, dtype, to_all=to_all_ranks)
+            if not receives:
+                continue
             for name, out in zip(rule.hf, to_hf(rule.kind, full, dims)):
-                name = p + name
                 if cast_to_hf_dtype and manifest and name in manifest:
                     out = out.to(dtype_from_name(manifest[name]["dtype"]))
                 yield name, out
@@ -195,16 +248,48 @@ class AutoBridge:
         fields["vocab_size"] = self.config.text["vocab_size"]
         # Only the fields this model kind has (a dense model carries no MoE sizes).
         fields = {k: v for k, v in fields.items() if k in self.provider_fields()}
-        return hf_config.export_config(self.config, fields)
+        out = hf_config.export_config(self.config, fields)
+        if self.config.kind != "nemotron_h":
+            out = omni.export_omni_config(out, self.config.scheme,
+                                          {k: getattr(c, k) for k in self.omni_fields() if hasattr(c, k)})
+        return out
 
     def save_hf_pretrained(self, model, path: str | Path, overwrite: bool = False) -> None:
-        """Write config.json, the safetensors weights (+ index) and the non-weight assets."""
+        """Write config.json, the safetensors weights (+ index) and the non-weight assets.
+
+        Under torchrun every rank calls it; the tensors are gathered to global rank 0, which alone
+        writes (into a hidden temporary sibling renamed into place at the end). A refused output
+        path or a failed write on rank 0 is raised on every rank.
+        """
+        from bridge.parallel import broadcast_from_rank0
+
         path = Path(path)
-        tensors = self.export_hf_weights(model)
-        if dist.is_initialized() and dist.get_rank() != 0:
-            for _ in tensors:  # take part in the collectives, write nothing
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        refused = None
+        if rank == 0 and path.exists() and not (path.is_dir() and not any(path.iterdir())) and not overwrite:
+            refused = f"{path}: output path exists and is not empty (pass --overwrite to replace it)"
+        refused = broadcast_from_rank0(refused)
+        if refused:
+            raise ConversionError(refused)
+        source = _Tracked(self.export_hf_weights(model))
+        if rank != 0:
+            for _ in source:  # take part in the collectives, write nothing
                 pass
+            failure = broadcast_from_rank0(None)
+            if failure:
+                raise ConversionError(f"rank 0 could not write {path}: {failure}")
             return
+        try:
+            self._write_hf(model, path, overwrite, source)
+        except BaseException as e:
+            if not source.failed:  # keep the other ranks' collectives matched before failing
+                for _ in source:
+                    pass
+            broadcast_from_rank0(f"{type(e).__name__}: {e}" if not isinstance(e, ConversionError) else str(e))
+            raise
+        broadcast_from_rank0(None)
+
+    def _write_hf(self, model, path: Path, overwrite: bool, tensors) -> None:
         manifest = self._manifest_or_none()
         if manifest:
             weight_map = {n: manifest[n]["file"] for n in self.hf_names()}
@@ -239,11 +324,22 @@ class AutoBridge:
             "hf_config": self.config.raw,
             "provider_fields": self.provider_fields(),
             "params_dtype": dtype_name(W.model_chunks(model)[0].config.params_dtype),
+            # Embedding / output rows; the model built from this checkpoint uses them at any TP.
+            "padded_vocab_size": self._language_model(W.model_chunks(model)[0]).vocab_size,
             "hf_manifest": self.manifest,
             "layout": layout or {},
         }
-        checkpoint.save(model, Path(path), meta, self.assets_dir, overwrite=overwrite,
-                        is_asset=lambda p: not _is_weight_file(p.name))
+        from conversion import integrity
+        from conversion.safetensors_io import finalize_outputs_with
+
+        if self.hf_dir is not None and (not dist.is_initialized() or dist.get_rank() == 0):
+            files = set(self.checkpoint.weight_map.values()) | {"config.json"}
+            files |= {INDEX_NAME} if (self.hf_dir / INDEX_NAME).is_file() else set()
+            meta["hf_checksums"] = integrity.checksums(self.hf_dir, files)
+        meta["checksums_file"] = integrity.CHECKSUMS_NAME  # every file of the checkpoint, sha256 (see conversion/integrity.py)
+        with finalize_outputs_with(integrity.write_checksums_file):
+            checkpoint.save(model, Path(path), meta, self.assets_dir, overwrite=overwrite,
+                            is_asset=lambda p: not _is_weight_file(p.name))
 
     @classmethod
     def from_megatron_checkpoint(cls, path: str | Path) -> "AutoBridge":
@@ -251,19 +347,58 @@ class AutoBridge:
 
         path = Path(path)
         meta = checkpoint.read_meta(path)
+        from conversion import integrity
+
+        integrity.verify_megatron_checkpoint(path, meta)  # sha256 of every file (remembered once verified)
         cfg = hf_config.parse_config(meta["hf_config"], f"{path}/{checkpoint.META_NAME}: hf_config")
         return cls(cfg, hf_dir=None, manifest=meta["hf_manifest"], assets_dir=path / checkpoint.ASSETS_DIR)
 
     @staticmethod
-    def load_megatron_model(path: str | Path, **layout):
-        """Rebuild the model recorded in a converted checkpoint and load its weights."""
-        from bridge import checkpoint
+    def load_megatron_model(path: str | Path, dtype: Optional[torch.dtype] = None, **layout):
+        """Rebuild the model recorded in a converted checkpoint and load this rank's weights.
 
+        The layout is megatron's parallel state when initialised, else `layout` (tp=, pp=, ep=,
+        etp=, vpp=; default 1 each), checked against the model sizes before anything is built. The
+        checkpoint reshards on load (megatron-core dist_checkpointing), so any layout the sizes
+        allow works. Returns the model, or the list of chunks with virtual pipeline stages.
+        """
+        from bridge import checkpoint
+        from bridge.parallel import build_model
+
+        unknown = sorted(set(layout) - {"tp", "pp", "ep", "etp", "vpp"})
+        if unknown:
+            raise TypeError(f"load_megatron_model: unknown layout argument(s) {unknown} (use tp, pp, ep, etp, vpp)")
         path = Path(path)
         bridge = AutoBridge.from_megatron_checkpoint(path)
         meta = checkpoint.read_meta(path)
-        ensure_parallel_state(**layout)
-        provider = bridge.to_megatron_provider(dtype=dtype_from_name(meta["params_dtype"]))
-        model = provider.provide()
-        checkpoint.load(model, path)
-        return model
+        provider = bridge.to_megatron_provider(dtype=dtype or dtype_from_name(meta["params_dtype"]))  # dtype: e.g. fp32 for bridge-verify
+        provider.padded_vocab = meta.get("padded_vocab_size")
+        provider.perform_initialization = False  # every parameter is overwritten from the checkpoint
+        for key, field in (("tp", "tensor_model_parallel_size"), ("pp", "pipeline_model_parallel_size"),
+                           ("ep", "expert_model_parallel_size"), ("etp", "expert_tensor_parallel_size"),
+                           ("vpp", "virtual_pipeline_model_parallel_size")):
+            if layout.get(key) is not None:
+                setattr(provider, field, layout[key])
+        chunks = build_model(provider)
+        checkpoint.load(chunks, path)
+        return chunks[0] if len(chunks) == 1 else chunks
+
+
+class _Tracked:
+    """Iterator wrapper that remembers whether the wrapped generator itself raised."""
+
+    def __init__(self, it):
+        self._it = iter(it)
+        self.failed = False
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        try:
+            return next(self._it)
+        except StopIteration:
+            raise
+        except BaseException:
+            self.failed = True
+            raise

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
@@ -46,24 +46,84 @@ def _sharded_state(model) -> Dict:
 
 def save(model, path: Path, meta: Dict, assets_dir: Optional[Path], overwrite: bool = False,
          is_asset: Callable[[Path], bool] = lambda p: True) -> None:
-    """Write the model (all ranks take part) and the bridge files (rank 0) into `path`, atomically."""
+    """Write the model (all ranks take part) and the bridge files (rank 0) into `path`, atomically.
+
+    Rank 0 creates the hidden temporary sibling and broadcasts its path; every rank writes its
+    shards into it with `dist_checkpointing.save`; rank 0 writes the tracker, bridge_meta.json and
+    the assets; after a barrier (and a check that every rank succeeded) rank 0 renames it into
+    place. Any failure is raised on every rank and leaves no output directory.
+    """
+    from bridge.parallel import broadcast_from_rank0
+
     rank = dist.get_rank() if dist.is_initialized() else 0
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        raise NotImplementedError("multi-rank Megatron checkpoint saving is not implemented yet")
-    with atomic_output_dir(path, overwrite=overwrite) as tmp:
+    multi = dist.is_initialized() and dist.get_world_size() > 1
+    if rank != 0:
+        tmp_or_error = broadcast_from_rank0(None)
+        if isinstance(tmp_or_error, Exception):
+            raise tmp_or_error
+        tmp = Path(tmp_or_error)
+        error = _all_ok(lambda: dist_checkpointing.save(_sharded_state(model), str(tmp / RELEASE_DIR)))
+        error = _any_error(error)
+        if error:
+            raise ConversionError(f"writing the Megatron checkpoint {path} failed: {error}")
+        dist.barrier()  # rank 0 renames after this
+        dist.barrier()  # ... and before this: the checkpoint is in place when save() returns
+        return
+    try:
+        context = atomic_output_dir(path, overwrite=overwrite)
+        tmp = context.__enter__()
+    except Exception as e:
+        if multi:
+            broadcast_from_rank0(ConversionError(str(e)) if isinstance(e, ConversionError) else e)
+        raise
+    try:
         (tmp / RELEASE_DIR).mkdir(exist_ok=True)
-        dist_checkpointing.save(_sharded_state(model), str(tmp / RELEASE_DIR))
-        if rank == 0:
-            (tmp / TRACKER_NAME).write_text(RELEASE_DIR)
-            (tmp / META_NAME).write_text(json.dumps({"format": META_FORMAT, **meta}, indent=1) + "\n")
-            assets = tmp / ASSETS_DIR
-            assets.mkdir()
-            if assets_dir is not None:
-                for src in sorted(Path(assets_dir).rglob("*")):
-                    if src.is_file() and is_asset(src):
-                        dest = assets / src.relative_to(assets_dir)
-                        dest.parent.mkdir(parents=True, exist_ok=True)
-                        shutil.copy2(src, dest)
+        if multi:
+            broadcast_from_rank0(str(tmp))
+            error = _all_ok(lambda: dist_checkpointing.save(_sharded_state(model), str(tmp / RELEASE_DIR)))
+            error = error or _all_ok(lambda: _write_bridge_files(tmp, meta, assets_dir, is_asset))
+            error = _any_error(error)
+            if error:
+                raise ConversionError(f"writing the Megatron checkpoint {path} failed: {error}")
+            dist.barrier()
+        else:
+            dist_checkpointing.save(_sharded_state(model), str(tmp / RELEASE_DIR))
+            _write_bridge_files(tmp, meta, assets_dir, is_asset)
+    except BaseException as e:
+        context.__exit__(type(e), e, e.__traceback__)
+        raise
+    context.__exit__(None, None, None)  # the atomic rename
+    if multi:
+        dist.barrier()
+
+
+def _write_bridge_files(tmp: Path, meta: Dict, assets_dir: Optional[Path], is_asset: Callable[[Path], bool]) -> None:
+    (tmp / TRACKER_NAME).write_text(RELEASE_DIR)
+    (tmp / META_NAME).write_text(json.dumps({"format": META_FORMAT, **meta}, indent=1) + "\n")
+    assets = tmp / ASSETS_DIR
+    assets.mkdir()
+    if assets_dir is not None:
+        for src in sorted(Path(assets_dir).rglob("*")):
+            if src.is_file() and is_asset(src):
+                dest = assets / src.relative_to(assets_dir)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(src, dest)
+
+
+def _all_ok(fn) -> Optional[str]:
+    """Run `fn`; None on success, else a one-line description of the failure."""
+    try:
+        fn()
+        return None
+    except Exception as e:  # noqa: BLE001 - reported on every rank by _any_error
+        return f"rank {dist.get_rank()}: {type(e).__name__}: {e}"
+
+
+def _any_error(error: Optional[str]) -> Optional[str]:
+    """The first rank's failure message, on every rank (None when all succeeded)."""
+    errors: List[Optional[str]] = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    return next((e for e in errors if e), None)
 
 
 def read_meta(path: Path) -> Dict:

@@ -1,8 +1,15 @@
-"""`convert-hf-to-mcore` and `convert-mcore-to-hf`.
+"""`convert-hf-to-mcore` and `convert-mcore-to-hf` (and the shared runner of `bridge-verify`).
 
 Both run in one plain process (a one-process gloo group is created) or under torchrun (the given
-group is used). Every failure ends with one line on stderr and a non-zero exit; `--debug` shows the
-traceback. Outputs are written to a hidden sibling and renamed into place only when complete.
+group is used). Outputs are written to a hidden sibling and renamed into place only when complete.
+
+Failures: every failure ends with one line on stderr (`error: ...`, naming the file / tensor / field
+and what was expected) and a non-zero exit, and leaves no output directory; `--debug` shows the
+traceback. Exit codes: 2 bad input (`ConversionError`), 1 anything unexpected, 130 interrupted
+(Ctrl-C or SIGTERM: temporaries are removed). Everything that can be checked from file headers and
+config.json is checked before megatron is imported and before any tensor is read (see
+`_preflight_hf` / `_preflight_mcore`): paths, config, safetensors headers (truncation, corruption),
+index, tensor names / shapes / dtypes, free disk space; then the parallel layout, then the work.
 """
 
 from __future__ import annotations
@@ -10,15 +17,23 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import traceback
 import warnings
+from pathlib import Path
 from typing import Callable, List, Optional
 
 from conversion.errors import ConversionError
 
+DTYPE_FLAGS = ("bf16", "fp16", "fp32")
 
-def _run(main: Callable[[argparse.Namespace], None], parser: argparse.ArgumentParser,
+
+def _terminate(signum, frame):  # SIGTERM behaves like Ctrl-C: unwind, remove temporaries, exit 130
+    raise KeyboardInterrupt
+
+
+def _run(main: Callable[[argparse.Namespace], Optional[int]], parser: argparse.ArgumentParser,
          argv: Optional[List[str]]) -> int:
     args = parser.parse_args(argv)
     if not args.debug:  # megatron's import-time and CPU-path warnings are noise for a conversion
@@ -26,24 +41,71 @@ def _run(main: Callable[[argparse.Namespace], None], parser: argparse.ArgumentPa
         os.environ.setdefault("PYTHONWARNINGS", "ignore")  # also in dist_checkpointing's workers
         logging.getLogger("megatron").setLevel(logging.ERROR)
     try:
-        main(args)
-        return 0
+        signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:  # not the main thread (called as a library)
+        pass
+    try:
+        return main(args) or 0
     except ConversionError as e:
         if args.debug:
             traceback.print_exc()
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("error: interrupted; no output was written", file=sys.stderr)
+        print("error: interrupted; no output was written (temporary files removed)", file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 - one line unless --debug
         if args.debug:
             traceback.print_exc()
-        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        print(f"error: {type(e).__name__}: {_one_line(e)}", file=sys.stderr)
         return 1
 
 
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def _input_dir(path: str, what: str) -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise ConversionError(f"{p}: input path does not exist (expected {what})")
+    if not p.is_dir():
+        raise ConversionError(f"{p}: input path is not a directory (expected {what})")
+    return p
+
+
+def _preflight_hf(args: argparse.Namespace):
+    """Every check of an HF input that needs no megatron and reads no tensor data."""
+    import torch
+
+    from conversion import hf_config, preflight
+    from conversion.safetensors_io import HFCheckpoint, check_free_space, check_output_path, dir_bytes
+
+    hf = _input_dir(args.hf_path, "a local Hugging Face model directory")
+    check_output_path(args.output, args.overwrite, inputs=[hf])
+    cfg = hf_config.load_config(hf)
+    ckpt = HFCheckpoint(hf)  # headers: truncated / corrupt shards, index, pickle-only directories
+    shapes = {n: ckpt.shape(n) for n in ckpt.keys()}
+    dtypes = {n: ckpt.dtype(n) for n in ckpt.keys()}
+    # Text-only NemotronH: the expected tensors are the whole model. Omni: the language model's
+    # here, the encoders' by the AutoBridge name table (its rules need megatron-side code).
+    preflight.check_tensors(str(hf), shapes, dtypes, preflight.expected_lm_tensors(cfg.text, cfg.lm_prefix),
+                            complete=cfg.kind == "nemotron_h", files=ckpt.weight_map)
+    target = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(args.dtype)
+    weight_files = set(ckpt.weight_map.values())
+    needed = preflight.output_bytes(shapes, dtypes, target) + dir_bytes(hf, keep=lambda p: p.name not in weight_files)
+    check_free_space(args.output, needed, "the Megatron checkpoint")
+    return cfg
+
+
 def _hf_to_mcore(args: argparse.Namespace) -> None:
+    from conversion import hf_config
+
+    cfg = _preflight_hf(args)
+    from bridge.parallel import check_layout  # imports megatron
+
+    check_layout(hf_config.provider_fields(cfg), tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp, vpp=args.vpp)
+
     from bridge import AutoBridge
     from bridge.auto_bridge import DTYPES
     from bridge.parallel import ensure_parallel_state
@@ -61,7 +123,29 @@ def _hf_to_mcore(args: argparse.Namespace) -> None:
         print(f"wrote Megatron checkpoint {args.output}")
 
 
+def _preflight_mcore(args: argparse.Namespace) -> None:
+    """Every check of a converted Megatron checkpoint that needs no megatron: meta, output, disk, sha256."""
+    from conversion import integrity, preflight
+    from conversion.safetensors_io import check_free_space, check_output_path, dir_bytes, dtype_from_name
+
+    src = _input_dir(args.mcore_path, "a Megatron checkpoint directory written by convert-hf-to-mcore")
+    meta = integrity.read_meta(src)
+    check_output_path(args.output, args.overwrite, inputs=[src])
+    manifest = meta["hf_manifest"]
+    try:
+        shapes = {n: tuple(m["shape"]) for n, m in manifest.items()}
+        dtypes = {n: dtype_from_name(m["dtype"]) for n, m in manifest.items()}
+    except (TypeError, KeyError, AttributeError):
+        raise ConversionError(f"{src / integrity.META_NAME}: field 'hf_manifest' must map tensor names to "
+                              "{file, dtype, shape}") from None
+    assets = src / "hf_assets"
+    needed = preflight.output_bytes(shapes, dtypes) + (dir_bytes(assets) if assets.is_dir() else 0)
+    check_free_space(args.output, needed, "the Hugging Face checkpoint")
+    integrity.verify_megatron_checkpoint(src, meta)  # remembered: the loader does not hash again
+
+
 def _mcore_to_hf(args: argparse.Namespace) -> None:
+    _preflight_mcore(args)
     from bridge import AutoBridge
 
     bridge = AutoBridge.from_megatron_checkpoint(args.mcore_path)
@@ -88,7 +172,7 @@ def hf_to_mcore_main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--ep", type=int, default=1, help="expert parallel size")
     p.add_argument("--etp", type=int, default=None, help="expert tensor parallel size (default: TP)")
     p.add_argument("--vpp", type=int, default=None, help="virtual pipeline stages per pipeline rank")
-    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
+    p.add_argument("--dtype", choices=list(DTYPE_FLAGS), default=None,
                    help="parameter dtype of the Megatron checkpoint (default: the HF checkpoint's)")
     return _run(_hf_to_mcore, p, argv)
 

@@ -35,7 +35,8 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     def rnd(t, std, mean=0.0):
         t.copy_((torch.randn(t.shape, generator=g) * std + mean).to(t.dtype))
 
-    for name, p in list(model.named_parameters()) + list(model.named_buffers()):
+    # persistent state only: non-persistent buffers (e.g. Parakeet's rotary inv_freq) are derived
+    for name, p in model.state_dict(keep_vars=True).items():
         if name.endswith("A_log"):
             rnd(p, 0.5, 0.5)
         elif name.endswith(".D"):
@@ -64,3 +65,61 @@ def save_hf_model(model, path: Path, dtype: torch.dtype = torch.float32, max_sha
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(str(path), **kwargs)
     return Path(path)
+
+
+# ------------------------------------------------------------------ Nemotron-Omni
+
+IMAGE_TOKEN, VIDEO_TOKEN, AUDIO_TOKEN = 5, 6, 7
+
+
+def tiny_omni_config(has_sound: bool = True, scheme_text_pattern: str = "M*EM"):
+    """A tiny NemotronH_Omni_Reasoning_V3 config: every tower present, every width small."""
+    from transformers import NemotronH_Omni_Reasoning_V3_Config
+
+    text = tiny_config(pattern=scheme_text_pattern).to_dict()
+    vision = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, patch_size=4, image_size=16,
+                  max_img_size=32, num_cls_tokens=2, num_registers=2, video_temporal_patch_size=2,
+                  summary_idxs=[0, 1])
+    audio = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, num_mel_bins=16,
+                 subsampling_conv_channels=8, projection_hidden_size=48, projection_bias=False,
+                 dropout=0.0, activation_dropout=0.0, attention_dropout=0.0, layerdrop=0.0)
+    return NemotronH_Omni_Reasoning_V3_Config(
+        text_config=text, vision_config=vision, audio_config=audio if has_sound else None,
+        vision_hidden_size=32, projector_hidden_size=48, image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN,
+        audio_token_id=AUDIO_TOKEN, video_temporal_patch_size=2)
+
+
+@torch.no_grad()
+def build_hf_omni_model(config=None, seed: int = 0, input_conditioner: bool = True):
+    """Random-weight Omni model. Layer scales stay 1 (megatron's ViT layer has none); the RADIO
+    input conditioner (in the released checkpoint, unused by the forward) is re-attached so that
+    `save_pretrained` writes it."""
+    from transformers import NemotronH_Omni_Reasoning_V3
+
+    torch.manual_seed(seed)
+    model = NemotronH_Omni_Reasoning_V3(config or tiny_omni_config()).eval()
+    scales = {n: p.clone() for n, p in model.named_parameters() if "layer_scale" in n}
+    randomize(model, seed)
+    for n, p in model.named_parameters():
+        if n in scales:
+            p.copy_(scales[n])
+    if input_conditioner:
+        model.vision_model.input_conditioner = _StoredInputConditioner(model.config.vision_config)
+    return model
+
+
+def _stored_input_conditioner_class():
+    from transformers.models.radio.modeling_radio import RadioInputConditioner
+
+    class StoredInputConditioner(RadioInputConditioner):
+        """Holds the mean/std buffers (saved like the released checkpoint's) but, as in the Omni
+        model where the processor normalises, leaves pixels unchanged."""
+
+        def forward(self, pixel_values):
+            return pixel_values
+
+    return StoredInputConditioner
+
+
+def _StoredInputConditioner(config):
+    return _stored_input_conditioner_class()(config)

@@ -5,7 +5,9 @@ The path of one tensor, HF -> Megatron:
   full = transforms.to_megatron(kind, hf tensors) (e.g. q, k, v -> fused QKV; vocab padding)
   local = transforms.shard(kind, full, rank, size) (this TP / expert-TP rank's slice)
   parameter.copy_(local)
-Export runs the same steps backwards. "Canonical" names are the megatron names with the *global*
+Export runs the same steps backwards, then brings each full tensor to the writing rank: the lowest
+global rank holding it (`owners`: pipeline stage, expert-parallel rank) sends it to rank 0
+(`move_full_tensor`), in name-table order on every rank. "Canonical" names are the megatron names with the *global*
 layer index and global expert index (see `canonical_names`), so the table never depends on the
 parallel layout.
 """
@@ -13,7 +15,7 @@ parallel layout.
 from __future__ import annotations
 
 import re
-from typing import Dict, Iterator, List, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -90,3 +92,89 @@ def gather_full(tensor: torch.Tensor, kind: Kind, dims) -> torch.Tensor:
     shards = [torch.empty_like(tensor) for _ in range(size)]
     dist.all_gather(shards, tensor.detach().contiguous(), group=group)
     return unshard(kind, shards, dims)
+
+
+# ---------------------------------------------------------------------------- export across ranks
+
+def local_tensors(chunks_lms: List[torch.nn.Module]) -> Dict[str, torch.Tensor]:
+    """Canonical name -> tensor over all model chunks (virtual pipeline stages) of this rank."""
+    out: Dict[str, torch.Tensor] = {}
+    for lm in chunks_lms:
+        out.update(canonical_names(lm))
+    return out
+
+
+def _world() -> Tuple[int, int]:
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def owners(local: Dict[str, torch.Tensor]) -> Dict[str, Tuple[int, torch.dtype]]:
+    """Canonical name -> (the lowest global rank that holds it, its dtype); the same on all ranks.
+
+    A tensor lives on one pipeline stage (and, for a routed expert, on one expert-parallel rank)
+    and is replicated over data-parallel ranks and sliced over its TP / expert-TP group, so the
+    lowest holder is a well-defined source for the gathered full tensor.
+    """
+    rank, world = _world()
+    if world == 1:
+        return {name: (0, t.dtype) for name, t in local.items()}
+    gathered: List = [None] * world
+    dist.all_gather_object(gathered, {name: str(t.dtype).split(".")[-1] for name, t in local.items()})
+    out: Dict[str, Tuple[int, torch.dtype]] = {}
+    for r in range(world - 1, -1, -1):
+        for name, dtype in gathered[r].items():
+            out[name] = (r, getattr(torch, dtype))
+    return out
+
+
+def _comm_device(like: Optional[torch.Tensor] = None) -> torch.device:
+    if like is not None:
+        return like.device
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+_MAX_DIMS = 8
+
+
+def move_full_tensor(full: Optional[torch.Tensor], owner: int, dtype: torch.dtype, to_all: bool,
+                     writer: int = 0) -> Optional[torch.Tensor]:
+    """Bring the full tensor held by global rank `owner` to the writer rank (or to every rank).
+
+    Point-to-point owner -> writer (a broadcast over all ranks when `to_all`): the shape goes first
+    in a small int64 tensor, then the data. Ranks that do not receive return None. All ranks must
+    call this for the same tensors in the same order (export walks the name table in order).
+    """
+    rank, world = _world()
+    if world == 1:
+        return full
+    if owner == writer and not to_all:
+        return full if rank == writer else None
+    header = torch.full((_MAX_DIMS + 1,), -1, dtype=torch.int64, device=_comm_device(full if rank == owner else None))
+    if rank == owner:
+        assert full is not None and full.dim() <= _MAX_DIMS
+        header[0] = full.dim()
+        header[1:1 + full.dim()] = torch.tensor(full.shape, dtype=torch.int64)
+        full = full.detach().contiguous()
+    if to_all:
+        dist.broadcast(header, src=owner)
+    elif rank == owner:
+        dist.send(header, dst=writer)
+    elif rank == writer:
+        dist.recv(header, src=owner)
+    else:
+        return None
+    if rank != owner:
+        shape = header[1:1 + int(header[0])].tolist()
+        full = torch.empty(shape, dtype=dtype, device=header.device)
+    if to_all:
+        dist.broadcast(full, src=owner)
+        return full
+    if rank == owner:
+        dist.send(full, dst=writer)
+        return None
+    dist.recv(full, src=owner)
+    return full

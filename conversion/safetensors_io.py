@@ -9,12 +9,13 @@ tensors into shards of at most `max_shard_bytes`.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 from safetensors import safe_open
@@ -61,8 +62,77 @@ def _safe_member(root: Path, file_name: str, where: str) -> Path:
     return path
 
 
+_ST_ELEMENT_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                     "BOOL": 1}
+_MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
+
+
+def read_safetensors_header(path: Path) -> Dict[str, Tuple[str, Tuple[int, ...]]]:
+    """name -> (safetensors dtype, shape) from the header of `path`, after checking the file.
+
+    Only the header is read. The checks make a truncated or corrupt file fail here, when the
+    checkpoint is opened, instead of half-way through a conversion: the header length fits the
+    file, the header is a JSON object of tensors with known dtypes, integer shapes and data offsets
+    whose length matches dtype x shape, and the data section ends exactly at the end of the file.
+    """
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise ConversionError(f"{path}: truncated safetensors file ({size} bytes; not even the 8-byte header length)")
+            n = int.from_bytes(prefix, "little")
+            if n > _MAX_HEADER_BYTES or 8 + n > size:
+                raise ConversionError(f"{path}: corrupt or truncated safetensors header (header length {n} bytes, "
+                                      f"file has {size} bytes)")
+            raw = f.read(n)
+    except OSError as e:
+        raise ConversionError(f"{path}: cannot read ({e.strerror or e})") from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+        if not isinstance(header, dict):
+            raise ValueError("not a JSON object")
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ConversionError(f"{path}: corrupt safetensors header (expected a JSON object: {e})") from None
+    out: Dict[str, Tuple[str, Tuple[int, ...]]] = {}
+    end = 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            st_dtype, shape, (begin, stop) = entry["dtype"], entry["shape"], entry["data_offsets"]
+            if not all(isinstance(d, int) and d >= 0 for d in list(shape) + [begin, stop]) or stop < begin:
+                raise ValueError
+        except (TypeError, KeyError, ValueError):
+            raise ConversionError(f"{path}: corrupt safetensors header: entry for tensor {name!r} needs "
+                                  "'dtype', 'shape' and 'data_offsets' [begin, end]") from None
+        if st_dtype not in _ST_ELEMENT_BYTES:
+            raise ConversionError(f"{path}: tensor {name!r} has unsupported dtype {st_dtype!r} "
+                                  f"(expected one of {sorted(_ST_ELEMENT_BYTES)})")
+        numel = 1
+        for d in shape:
+            numel *= d
+        if stop - begin != numel * _ST_ELEMENT_BYTES[st_dtype]:
+            raise ConversionError(f"{path}: corrupt safetensors header: tensor {name!r} {st_dtype} {list(shape)} "
+                                  f"needs {numel * _ST_ELEMENT_BYTES[st_dtype]} bytes, its data offsets give {stop - begin}")
+        end = max(end, stop)
+        out[name] = (st_dtype, tuple(shape))
+    data = size - 8 - n
+    if end > data:
+        raise ConversionError(f"{path}: truncated safetensors file: the header needs {end} bytes of tensor data, "
+                              f"the file holds {data} ({size} bytes in all, expected {8 + n + end})")
+    if end < data:
+        raise ConversionError(f"{path}: corrupt safetensors file: {data - end} bytes after the last tensor "
+                              f"(expected {8 + n + end} bytes, the file has {size})")
+    return out
+
+
 class HFCheckpoint:
-    """Lazy view of the safetensors weights of a Hugging Face model directory."""
+    """Lazy view of the safetensors weights of a Hugging Face model directory.
+
+    Opening it reads and checks every shard's header (see `read_safetensors_header`); tensor data
+    is read only by `get`.
+    """
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
@@ -72,6 +142,7 @@ class HFCheckpoint:
         self.weight_map: Dict[str, str] = {}
         self._handles: Dict[str, object] = {}
         self._meta: Dict[str, Tuple[torch.dtype, Tuple[int, ...]]] = {}
+        self._headers: Dict[str, Dict[str, Tuple[str, Tuple[int, ...]]]] = {}
         if index_path.exists():
             try:
                 index = json.loads(index_path.read_text())
@@ -100,8 +171,13 @@ class HFCheckpoint:
 
     def _scan_files(self, files: List[str]) -> None:
         for file_name in files:
-            for name in self._open(file_name).keys():
+            for name in self._header(file_name):
                 self.weight_map[name] = file_name
+
+    def _header(self, file_name: str) -> Dict[str, Tuple[str, Tuple[int, ...]]]:
+        if file_name not in self._headers:
+            self._headers[file_name] = read_safetensors_header(self.root / file_name)
+        return self._headers[file_name]
 
     def _open(self, file_name: str):
         handle = self._handles.get(file_name)
@@ -117,16 +193,18 @@ class HFCheckpoint:
     def _read_headers(self) -> None:
         """Read dtype and shape of every tensor from the shard headers (no tensor data is read)."""
         for file_name in sorted(set(self.weight_map.values())):
-            handle = self._open(file_name)
-            names_in_file = set(handle.keys())
+            header = self._header(file_name)
             for name in [n for n, f in self.weight_map.items() if f == file_name]:
-                if name not in names_in_file:
+                if name not in header:
                     raise ConversionError(f"{self.root / file_name}: tensor {name!r} listed in the index is missing")
-                sl = handle.get_slice(name)
-                st_dtype = sl.get_dtype()
-                if st_dtype not in _ST_DTYPES:
-                    raise ConversionError(f"{self.root / file_name}: tensor {name!r} has unsupported dtype {st_dtype}")
-                self._meta[name] = (_ST_DTYPES[st_dtype], tuple(sl.get_shape()))
+                st_dtype, shape = header[name]
+                self._meta[name] = (_ST_DTYPES[st_dtype], shape)
+            unlisted = sorted(n for n in header if self.weight_map.get(n) != file_name)
+            if unlisted:
+                where = f"{INDEX_NAME} lists it in {self.weight_map[unlisted[0]]!r}" if unlisted[0] in self.weight_map \
+                    else f"{INDEX_NAME} does not list it"
+                raise ConversionError(f"{self.root / file_name}: holds tensor {unlisted[0]!r}, but {where} "
+                                      "(the shards and the index disagree)")
 
     def keys(self) -> List[str]:
         return list(self.weight_map)
@@ -203,6 +281,7 @@ def write_hf_weights(out_dir: Path, tensors: Iterator[Tuple[str, torch.Tensor]],
         remaining[file_name].discard(name)
         if not remaining[file_name]:
             save_file(pending.pop(file_name), str(out_dir / file_name), metadata={"format": "pt"})
+            pause_for_tests("after-first-file")
     missing = sorted(set(weight_map) - seen)
     if missing:
         raise ConversionError(f"export did not produce {len(missing)} tensor(s), e.g. {missing[0]!r}")
@@ -225,25 +304,169 @@ def _total_size(out_dir: Path, weight_map: Dict[str, str]) -> int:
     return total
 
 
+# ---------------------------------------------------------------------------- output directories
+#
+# Outputs are written into a hidden sibling `.{name}.tmp-{host}-{pid}-{random}` and renamed to
+# `{name}` only when complete; `--overwrite` moves the old output to `.{name}.old-{host}-{pid}` for
+# the moment of the swap. A run killed at any moment (SIGKILL, OOM, power loss) therefore leaves at
+# most such hidden siblings, never a directory at the output path. The next run into the same
+# output removes the siblings whose process (same host, pid not running) is gone; siblings of a
+# live process (a concurrent run) or of another host (shared file systems) are left alone.
+
+_FINALIZER: "contextvars.ContextVar[Optional[Callable[[Path], None]]]" = contextvars.ContextVar("finalizer", default=None)
+
+
+@contextlib.contextmanager
+def finalize_outputs_with(fn: Callable[[Path], None]):
+    """Within this block, `atomic_output_dir` calls `fn(tmp)` once the output is complete and
+    before it is renamed into place (the Megatron checkpoint writes its checksum file this way)."""
+    token = _FINALIZER.set(fn)
+    try:
+        yield
+    finally:
+        _FINALIZER.reset(token)
+
+
+FREE_BYTES_ENV = "BRIDGE_FAKE_FREE_BYTES"   # tests: pretend the output's file system has this many free bytes
+TEST_PAUSE_ENV = "BRIDGE_TEST_PAUSE"        # tests: "POINT:MARKER_FILE" -> at POINT, create MARKER_FILE and sleep
+
+
+def pause_for_tests(point: str) -> None:
+    """Test hook for the interruption tests: with BRIDGE_TEST_PAUSE=POINT:FILE, create FILE at POINT
+    and sleep (up to 10 minutes) so that the test can kill or interrupt the process there. Points:
+    `before-rename` (the output is complete in its temporary directory) and `after-first-file` (the
+    export has written its first safetensors file). Unset (always, outside tests): does nothing."""
+    spec = os.environ.get(TEST_PAUSE_ENV)
+    if not spec or spec.split(":", 1)[0] != point:
+        return
+    import time
+
+    Path(spec.split(":", 1)[1]).write_text(str(os.getpid()))
+    time.sleep(600)
+
+
+def _host() -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in os.uname().nodename) or "host"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> List[Path]:
+    """Remove `.{name}.tmp-*` / `.{name}.old-*` siblings left by killed runs on this host."""
+    path = Path(path)
+    removed = []
+    if not path.parent.is_dir():
+        return removed
+    host = _host()
+    for kind in ("tmp", "old"):
+        prefix = f".{path.name}.{kind}-{host}-"
+        for sibling in path.parent.glob(f".{glob_escape(path.name)}.{kind}-*"):
+            rest = sibling.name[len(prefix):] if sibling.name.startswith(prefix) else ""
+            pid = rest.split("-", 1)[0]
+            if pid.isdigit() and not _pid_alive(int(pid)) and sibling.is_dir():
+                shutil.rmtree(sibling, ignore_errors=True)
+                removed.append(sibling)
+    return removed
+
+
+def glob_escape(name: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[]" else c for c in name)
+
+
+def check_output_path(path: str | os.PathLike, overwrite: bool = False,
+                      inputs: Iterable[str | os.PathLike] = ()) -> Path:
+    """Refuse an output path that exists and is not an empty directory (unless `overwrite`), that
+    is a file, or that is / contains / lies inside one of the `inputs`. Cheap; run it before any work."""
+    path = Path(path)
+    resolved = path.resolve()
+    for src in inputs:
+        src = Path(src).resolve()
+        if resolved == src or resolved in src.parents or src in resolved.parents:
+            raise ConversionError(f"{path}: output path must be outside the input {src} (and not contain it)")
+    if path.exists() or path.is_symlink():
+        if not path.is_dir():
+            raise ConversionError(f"{path}: output path exists and is not a directory")
+        if any(path.iterdir()) and not overwrite:
+            raise ConversionError(f"{path}: output path exists and is not empty (pass --overwrite to replace it)")
+    return path
+
+
+def free_bytes(directory: str | os.PathLike) -> int:
+    """Free bytes on the file system that holds `directory` (its nearest existing ancestor).
+    BRIDGE_FAKE_FREE_BYTES, when set, is returned instead (for tests); it is read only here."""
+    fake = os.environ.get(FREE_BYTES_ENV)
+    if fake:
+        return int(fake)
+    d = Path(directory).absolute()
+    while not d.exists() and d != d.parent:
+        d = d.parent
+    return shutil.disk_usage(d).free
+
+
+def check_free_space(output: str | os.PathLike, needed: int, what: str = "the output") -> None:
+    """Refuse to start when the output's file system has fewer than `needed` free bytes."""
+    output = Path(output)
+    free = free_bytes(output.parent)
+    if needed > free:
+        raise ConversionError(f"{output}: not enough free disk space for {what}: needs about {_gib(needed)} "
+                              f"({needed} bytes), the file system of {output.parent} has {_gib(free)} free")
+
+
+def _gib(n: int) -> str:
+    return f"{n / 1024**3:.2f} GiB" if n >= 1024**2 else f"{n} B"
+
+
+def dir_bytes(directory: str | os.PathLike, keep=lambda p: True) -> int:
+    return sum(p.stat().st_size for p in Path(directory).rglob("*") if p.is_file() and keep(p))
+
+
 @contextlib.contextmanager
 def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False):
     """Yield a temporary sibling directory that is renamed to `path` only when the block succeeds.
 
     A crash or kill at any moment leaves at most a hidden `.{name}.tmp-*` sibling, never a directory
-    at `path` that looks like a finished checkpoint. On an exception the temporary is removed.
+    at `path` that looks like a finished checkpoint; the next run removes it (see above). On an
+    exception (including Ctrl-C) the temporary is removed, and so are parent directories this call
+    created.
     """
     path = Path(path)
-    if path.exists() and not (path.is_dir() and not any(path.iterdir())) and not overwrite:
-        raise ConversionError(f"{path}: output path exists and is not empty (pass --overwrite to replace it)")
+    check_output_path(path, overwrite)
+    created = []
+    parent = path.parent.absolute()
+    while not parent.exists():
+        created.append(parent)
+        parent = parent.parent
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    remove_stale_temporaries(path)
+    tag = f"{_host()}-{os.getpid()}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{tag}-", dir=path.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700; the output gets the usual permissions
     try:
         yield tmp
+        finalizer = _FINALIZER.get()
+        if finalizer is not None:
+            finalizer(tmp)
+        pause_for_tests("before-rename")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        for d in created:  # innermost first
+            try:
+                d.rmdir()
+            except OSError:
+                break
         raise
     if path.exists():
-        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        old = path.with_name(f".{path.name}.old-{tag}")
         path.rename(old)
         tmp.rename(path)
         shutil.rmtree(old, ignore_errors=True)

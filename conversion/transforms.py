@@ -22,6 +22,7 @@ class Kind(str, Enum):
     ROW = "row"                      # split along dim 1 (input features)
     VOCAB = "vocab"                  # embedding / output layer: vocab padded, then split along dim 0
     QKV = "qkv"                      # q, k, v -> Megatron's per-group fused QKV, split along dim 0
+    PACKED_QKV = "packed_qkv"        # one HF [Q; K; V] tensor (ViT, MHA) -> per-head fused QKV, dim 0
     MAMBA_IN_PROJ = "mamba_in_proj"  # rows [z | x | B | C | dt], each component split along dim 0
     MAMBA_CONV1D = "mamba_conv1d"    # channels [x | B | C], each component split along dim 0
     EXPERT_COLUMN = "expert_column"  # one routed expert's fc1: split along dim 0 over expert-TP
@@ -41,6 +42,7 @@ class Dims:
     mamba_head_dim: int = 0
     mamba_num_groups: int = 0
     mamba_state_dim: int = 0
+    vision_num_heads: int = 0        # ViT attention heads (MHA)
 
     def mamba_in_proj_sizes(self) -> List[int]:
         d_in = self.mamba_num_heads * self.mamba_head_dim
@@ -76,6 +78,18 @@ def split_qkv(qkv: torch.Tensor, dims: Dims) -> List[torch.Tensor]:
     return [q.reshape(-1, hidden), k.reshape(-1, hidden), v.reshape(-1, hidden)]
 
 
+def fuse_packed_qkv(qkv: torch.Tensor, heads: int) -> torch.Tensor:
+    """HF ViT [Q; K; V] (weight or bias) -> Megatron's per-head [q_h, k_h, v_h] interleave (MHA)."""
+    rest = qkv.shape[1:]
+    return qkv.reshape(3, heads, -1, *rest).transpose(0, 1).reshape(qkv.shape)
+
+
+def split_packed_qkv(qkv: torch.Tensor, heads: int) -> torch.Tensor:
+    """Inverse of `fuse_packed_qkv`."""
+    rest = qkv.shape[1:]
+    return qkv.reshape(heads, 3, -1, *rest).transpose(0, 1).reshape(qkv.shape)
+
+
 def pad_vocab(weight: torch.Tensor, dims: Dims) -> torch.Tensor:
     """Append zero rows up to the padded vocab (Megatron pads to a multiple of TP x divisor)."""
     extra = dims.padded_vocab_size - weight.shape[0]
@@ -89,6 +103,8 @@ def to_megatron(kind: Kind, hf: Sequence[torch.Tensor], dims: Dims) -> torch.Ten
     if kind is Kind.QKV:
         return fuse_qkv(*hf, dims)
     (tensor,) = hf
+    if kind is Kind.PACKED_QKV:
+        return fuse_packed_qkv(tensor, dims.vision_num_heads)
     if kind is Kind.VOCAB:
         return pad_vocab(tensor, dims)
     return tensor
@@ -98,6 +114,8 @@ def to_hf(kind: Kind, tensor: torch.Tensor, dims: Dims) -> List[torch.Tensor]:
     """HF tensor(s) of one rule from the full Megatron tensor (inverse of `to_megatron`)."""
     if kind is Kind.QKV:
         return split_qkv(tensor, dims)
+    if kind is Kind.PACKED_QKV:
+        return [split_packed_qkv(tensor, dims.vision_num_heads)]
     if kind is Kind.VOCAB:
         return [tensor[: dims.vocab_size]]
     return [tensor]

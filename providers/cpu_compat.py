@@ -67,6 +67,14 @@ Patches (each is applied only when CUDA is unavailable, and each is as narrow as
    arguments, has its parameter names (``weight``, plus ``bias`` for LayerNorm) and, like TE >= 2,
    an ``_extra_state`` entry (None here) so state dicts have the same keys.
 
+9. ``megatron.core.pipeline_parallel.schedules``: every schedule (no pipelining, 1F1B, interleaved)
+   allocates its token counter with a literal ``torch.zeros([], device="cuda")``, and
+   ``p2p_communication`` allocates its shape buffers on ``torch.cuda.current_device()`` and calls
+   ``torch.cuda.synchronize()``. p2p_communication gets the proxy of patch 2; schedules gets a
+   proxy whose ``zeros`` also maps ``device="cuda"`` to the default device. With these,
+   ``get_forward_backward_func()`` runs forward-only (and forward-backward) pipeline schedules over
+   gloo (checked with PP=2, and PP=2 x 2 virtual stages, in ``tests/test_parallel_layouts.py``).
+
 Not covered (not needed to build / run forward and backward): dist-checkpoint *saving* on CPU
 (``dist_checkpointing.strategies.filesystem_async`` calls ``torch.cuda.synchronize()`` and needs
 ``psutil``), ``moe_utils.track_moe_metrics`` (training-loop logging, literal ``device="cuda"``),
@@ -117,6 +125,8 @@ _CUDA_PROXY_MODULES = (
     # dist_checkpointing's torch_dist writer: torch.cuda.synchronize() before writing.
     "megatron.core.dist_checkpointing.strategies.filesystem_async",
     "megatron.core.dist_checkpointing.strategies.state_dict_saver",  # failure flag all-reduce
+    # pipeline schedules' send/recv of activations: shape buffers, torch.cuda.synchronize()
+    "megatron.core.pipeline_parallel.p2p_communication",
 )
 
 
@@ -500,6 +510,19 @@ class _CpuTorch(types.ModuleType):
 _CPU_TORCH = _CpuTorch()
 
 
+class _CpuTorchNoCudaLiterals(_CpuTorch):
+    """`_CpuTorch` whose `zeros` also maps a literal ``device="cuda"`` to the default device."""
+
+    def zeros(self, *args, **kwargs):
+        device = kwargs.get("device")
+        if device is not None and torch.device(device).type == "cuda":
+            kwargs["device"] = torch.get_default_device()
+        return torch.zeros(*args, **kwargs)
+
+
+_CPU_TORCH_NO_CUDA_LITERALS = _CpuTorchNoCudaLiterals()
+
+
 def _raise_dynamic_inference(*args, **kwargs):
     raise NotImplementedError(
         "Mamba dynamic-batching inference uses triton kernels and is not supported on CPU."
@@ -642,6 +665,12 @@ def apply_cpu_patches() -> bool:
         mamba_mixer.mamba_split_conv1d_scan_combined = (
             _mamba_split_conv1d_scan_combined_unavailable
         )
+
+    # 9. pipeline schedules' literal device="cuda" token counter.
+    from megatron.core.pipeline_parallel import schedules
+
+    if getattr(schedules, "torch", None) is torch:
+        schedules.torch = _CPU_TORCH_NO_CUDA_LITERALS
 
     # 8. MambaStack.final_norm without TE.
     from megatron.core.ssm import mamba_block

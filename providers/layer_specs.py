@@ -253,3 +253,53 @@ def get_mamba_stack_spec(use_te: bool, moe_grouped_gemm: bool):
             "The non-TE (CPU) Mamba spec has no grouped-GEMM experts; set moe_grouped_gemm=False."
         )
     return _cpu_stack_spec()
+
+
+def _linear_classes(use_te: bool):
+    """(norm-fused column linear, row linear, core attention) of the TE or the CPU build."""
+    if use_te:
+        from megatron.core.extensions.transformer_engine import (
+            TEDotProductAttention,
+            TELayerNormColumnParallelLinear,
+            TERowParallelLinear,
+        )
+
+        return TELayerNormColumnParallelLinear, TERowParallelLinear, TEDotProductAttention
+    cpu_compat.apply_cpu_patches()
+    from megatron.core.tensor_parallel.layers import RowParallelLinear
+
+    return LayerNormColumnParallelLinear, RowParallelLinear, DotProductAttention
+
+
+def get_vit_layer_spec(use_te: bool):
+    """RADIO ViT layer: pre-LN attention (bidirectional: no mask) and pre-LN MLP, TE names."""
+    from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+    from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.mlp import MLP, MLPSubmodules
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+
+    ln_linear, row_linear, attention = _linear_classes(use_te)
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            self_attention=ModuleSpec(
+                module=SelfAttention,
+                params={"attn_mask_type": AttnMaskType.no_mask},
+                submodules=SelfAttentionSubmodules(
+                    linear_qkv=ln_linear, core_attention=attention, linear_proj=row_linear),
+            ),
+            self_attn_bda=get_bias_dropout_add,
+            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=ln_linear, linear_fc2=row_linear)),
+            mlp_bda=get_bias_dropout_add,
+        ),
+    )
+
+
+def get_projector_mlp_submodules(use_te: bool):
+    """Projector MLP (norm fused into fc1, as TE names it): `linear_fc1.layer_norm_weight`, ..."""
+    from megatron.core.transformer.mlp import MLPSubmodules
+
+    ln_linear, row_linear, _ = _linear_classes(use_te)
+    return MLPSubmodules(linear_fc1=ln_linear, linear_fc2=row_linear)

@@ -52,6 +52,9 @@ class MambaModelProvider(TransformerConfig):
     scatter_embedding_sequence_parallel: bool = True
     # None: the TE spec where TE and a GPU are present, else the CPU spec (same parameter names).
     mamba_stack_spec: Optional[Callable] = None
+    # The padded vocab a Megatron checkpoint was written with (bridge_meta.json), which fixes the
+    # embedding / output-layer shape at any load-time TP. None: computed by `padded_vocab_size()`.
+    padded_vocab: Optional[int] = None
 
     # Architecture defaults shared by the Mamba hybrids we build.
     normalization: str = "RMSNorm"
@@ -73,8 +76,24 @@ class MambaModelProvider(TransformerConfig):
 
     # ------------------------------------------------------------------ building
     def padded_vocab_size(self) -> int:
-        """Vocab rounded up to a multiple of make_vocab_size_divisible_by x TP (megatron's rule)."""
-        multiple = self.make_vocab_size_divisible_by * self.tensor_model_parallel_size
+        """The embedding / output-layer rows: the vocab padded so that any TP can split it.
+
+        Megatron-LM pads to a multiple of make_vocab_size_divisible_by x TP, so the same vocab gets
+        a different padded size at each TP (300 -> 384 at TP=1, 512 at TP=2) and a checkpoint
+        written at one TP does not load at another (dist_checkpointing needs equal global shapes).
+        Here the multiple is make_vocab_size_divisible_by alone whenever TP divides it (every TP up
+        to 128 with the default divisor), so the padded size does not depend on TP; only a TP that
+        does not divide the divisor falls back to divisor x TP. A checkpoint records the size it was
+        written with (`padded_vocab`) and a model built from it uses exactly that size.
+        """
+        tp = self.tensor_model_parallel_size
+        if self.padded_vocab is not None:
+            if self.padded_vocab < self.vocab_size or self.padded_vocab % tp:
+                raise ValueError(f"padded vocab {self.padded_vocab} (recorded in the checkpoint) must be >= the vocab "
+                                 f"({self.vocab_size}) and divisible by TP={tp}")
+            return self.padded_vocab
+        divisor = self.make_vocab_size_divisible_by
+        multiple = divisor if divisor % tp == 0 else divisor * tp
         return -(-self.vocab_size // multiple) * multiple
 
     def build_config(self) -> "MambaModelProvider":
@@ -99,18 +118,32 @@ class MambaModelProvider(TransformerConfig):
 
     def provide(self, pre_process: Optional[bool] = None, post_process: Optional[bool] = None,
                 vp_stage: Optional[int] = None) -> MambaModel:
-        if vp_stage is not None:
-            raise ValueError("megatron-core's MambaStack does not support virtual pipeline stages")
+        """Build this rank's model (one virtual-pipeline chunk when `vp_stage` is given).
+
+        The parallel layout is megatron's parallel state when initialised, else this provider's
+        fields (the state is then created); it is checked against the sizes first
+        (`bridge.parallel.setup_for_provider`). With virtual pipeline stages use
+        `bridge.parallel.build_model`, which builds every chunk of the rank.
+        """
+        from bridge.parallel import setup_for_provider  # layout policy lives with the bridge
+
         if self.vocab_size is None:
             raise ValueError("MambaModelProvider.vocab_size must be set")
+        state = setup_for_provider(self)
+        if state["vpp"] is not None and vp_stage is None:
+            raise ValueError(f"virtual pipeline stages (VPP={state['vpp']}) are set: build each chunk with "
+                             "provide(vp_stage=v) or use bridge.parallel.build_model(provider)")
         cfg = self.build_config()
         if pre_process is None:
-            pre_process = parallel_state.is_pipeline_first_stage()
+            pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
         if post_process is None:
-            post_process = parallel_state.is_pipeline_last_stage()
-        return MambaModel(
+            post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+        spec = self.stack_spec(cfg)
+        if vp_stage is not None:
+            spec = virtual_stage_stack_spec(spec, vp_stage)
+        model = MambaModel(
             config=cfg,
-            mamba_stack_spec=self.stack_spec(cfg),
+            mamba_stack_spec=spec,
             vocab_size=self.padded_vocab_size(),
             max_sequence_length=self.seq_length,
             pre_process=pre_process,
@@ -127,6 +160,62 @@ class MambaModelProvider(TransformerConfig):
             seq_len_interpolation_factor=self.seq_len_interpolation_factor,
             scatter_embedding_sequence_parallel=self.scatter_embedding_sequence_parallel,
         )
+        if vp_stage is not None:
+            model.vp_stage = vp_stage
+        return model
+
+
+# ---------------------------------------------------------------------------- virtual pipeline
+
+class _FlatPipelineGroup:
+    """rank()/size() of a pipeline flattened over virtual stages (construction-time view only)."""
+
+    def __init__(self, rank: int, size: int):
+        self._rank, self._size = rank, size
+
+    def rank(self) -> int:
+        return self._rank
+
+    def size(self) -> int:
+        return self._size
+
+
+def _virtual_stage_stack_class():
+    from megatron.core.ssm.mamba_block import MambaStack
+
+    class VirtualStageMambaStack(MambaStack):
+        """megatron-core 0.16.1's MambaStack for one virtual pipeline stage.
+
+        MambaStack asserts `virtual_pipeline_model_parallel_size is None` when it picks its layers.
+        Interleaved stages put chunk `v` of pipeline rank `r` at position `v * PP + r` of a pipeline
+        of PP x VPP chunks, which is what megatron's `get_transformer_layer_offset` computes for
+        transformer layers. So the stack is built as if the pipeline had PP x VPP ranks and no
+        virtual stages (a config copy and a rank()/size() stand-in for the pipeline group, used
+        only while building); afterwards it keeps the model's real config and pipeline group.
+        Layer numbers are the global ones, so checkpoints and the bridge's names are unchanged.
+        """
+
+        def __init__(self, config, submodules, vp_stage: int = 0, pg_collection=None, **kwargs):
+            pp, vpp = config.pipeline_model_parallel_size, config.virtual_pipeline_model_parallel_size
+            flat_cfg = copy.copy(config)
+            flat_cfg.pipeline_model_parallel_size = pp * vpp
+            flat_cfg.virtual_pipeline_model_parallel_size = None
+            flat_pg = copy.copy(pg_collection)
+            flat_pg.pp = _FlatPipelineGroup(vp_stage * pp + pg_collection.pp.rank(), pp * vpp)
+            super().__init__(flat_cfg, submodules, pg_collection=flat_pg, **kwargs)
+            self.config = config
+            self.pp_group = pg_collection.pp
+            self.vp_stage = vp_stage
+
+    return VirtualStageMambaStack
+
+
+def virtual_stage_stack_spec(spec, vp_stage: int):
+    """The stack spec with MambaStack replaced by its virtual-stage variant for chunk `vp_stage`."""
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    return ModuleSpec(module=_virtual_stage_stack_class(), submodules=spec.submodules,
+                      params={**(spec.params or {}), "vp_stage": vp_stage})
 
 
 @dataclass

@@ -1,0 +1,214 @@
+"""`bridge-verify --hf-path DIR --mcore-path DIR [--tol X]`: does a converted checkpoint compute what
+the Hugging Face model computes?
+
+It loads the transformers model from the HF directory, runs every modality the model has on a fixed
+probe input (fixed seed), frees it, loads the Megatron checkpoint with
+`AutoBridge.load_megatron_model` (which verifies the checkpoint's sha256 first), runs the same probes
+and prints a table of max |delta logit| per modality. Exit codes: 0 every modality within tolerance,
+3 a modality above it, 2 bad input (one line on stderr, as the converters), 1 anything unexpected.
+
+Both models compute in float32 by default (`--dtype fp32`): the checkpoint's weights are upcast
+exactly (bf16 -> fp32 is lossless), so the comparison sees only the two implementations'
+arithmetic, not bf16 rounding, and routing ties of the MoE router cannot flip. Tolerance:
+  fp32 (default): 1e-4 * max(1, max|logit|). The tests' CPU parity is ~3e-6 on tiny models; GPU
+                  kernels differ more; a wrong tensor differs by O(max|logit|).
+`--dtype checkpoint` computes in the checkpoint's dtype (half the memory for a bf16 checkpoint:
+the fp32 default needs 4 bytes per parameter for each model, loaded one after the other). It is a
+coarse check: in bf16 two correct implementations already differ by up to ~0.25 * max|logit| on
+random weights (a top-k routing decision near a tie flips), so its tolerance only catches gross
+errors: bf16 0.3, fp16 0.1, times max(1, max|logit|).
+`--tol X` replaces the default with an absolute bound X.
+
+Modalities are a table keyed by model kind (`PROBES`): text-only NemotronH has `text`; the Omni
+model will add `image`, `video` and `audio` probes with their encoders' inputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+from conversion.errors import ConversionError
+
+DEFAULT_REL_TOL = {"float32": 1e-4, "bfloat16": 0.3, "float16": 0.1}
+EXIT_MISMATCH = 3
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One modality's fixed probe: how to make its input and run each model on it."""
+
+    modality: str
+    describe: Callable[[Dict], str]
+    make_inputs: Callable[[Dict, "argparse.Namespace"], Dict]   # (normalised text config, args) -> inputs
+    hf_logits: Callable[[object, Dict], "object"]               # (transformers model, inputs) -> [b, s, vocab]
+    megatron_logits: Callable[[object, Dict], "object"]         # (megatron model, inputs) -> [b, s, padded vocab]
+
+
+def _text_inputs(text: Dict, args) -> Dict:
+    import torch
+
+    g = torch.Generator().manual_seed(args.seed)
+    ids = torch.randint(0, text["vocab_size"], (args.batch, args.seq_len), generator=g)
+    return {"input_ids": ids}
+
+
+def _device_of(model):
+    return next(model.parameters()).device
+
+
+def _hf_text(model, inputs):
+    import torch
+
+    with torch.no_grad():
+        return model(input_ids=inputs["input_ids"].to(_device_of(model)), use_cache=False).logits.float().cpu()
+
+
+def _megatron_text(model, inputs):
+    import torch
+
+    ids = inputs["input_ids"].to(_device_of(model))
+    position_ids = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0).expand_as(ids)
+    with torch.no_grad():
+        return model(ids, position_ids, attention_mask=None).float().cpu()
+
+
+TEXT = Probe("text", lambda i: f"{i['input_ids'].shape[0]} x {i['input_ids'].shape[1]} random token ids",
+             _text_inputs, _hf_text, _megatron_text)
+
+# model kind (conversion.hf_config.HFModelConfig.kind) -> its modalities, in table order.
+PROBES: Dict[str, List[Probe]] = {
+    "nemotron_h": [TEXT],
+}
+
+
+def default_tolerance(dtype_name: str, max_abs_logit: float) -> float:
+    return DEFAULT_REL_TOL.get(dtype_name, DEFAULT_REL_TOL["bfloat16"]) * max(1.0, max_abs_logit)
+
+
+def _load_hf_model(hf_path: Path, kind: str, dtype, device, quiet: bool = True):
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    if quiet:  # progress bars and kernel-fallback notices are noise next to the table
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+
+    if kind != "nemotron_h":
+        raise ConversionError(f"{hf_path}: bridge-verify has no probes for model kind {kind!r} yet")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(hf_path), dtype=dtype)
+    except Exception as e:  # noqa: BLE001 - transformers' own message, in one line
+        raise ConversionError(f"{hf_path}: transformers cannot load the model ({type(e).__name__}: {e})") from None
+    return model.to(device).eval()
+
+
+def _preflight(args):
+    """Both inputs exist and describe the same model (config, tensor names and shapes); no megatron."""
+    from conversion import hf_config, integrity
+    from conversion.safetensors_io import HFCheckpoint
+
+    for path, what in ((args.hf_path, "a Hugging Face model directory"),
+                       (args.mcore_path, "a Megatron checkpoint written by convert-hf-to-mcore")):
+        if not Path(path).is_dir():
+            raise ConversionError(f"{path}: input path does not exist or is not a directory (expected {what})")
+    hf, mcore = Path(args.hf_path), Path(args.mcore_path)
+    cfg = hf_config.load_config(hf)
+    meta = integrity.read_meta(mcore)
+    if cfg.kind not in PROBES:
+        raise ConversionError(f"{hf}/config.json: bridge-verify has no probes for model kind {cfg.kind!r} yet")
+    ckpt = HFCheckpoint(hf)
+    recorded = meta["hf_manifest"]
+    for name in recorded:
+        if name not in ckpt:
+            raise ConversionError(f"{hf}: has no tensor {name!r}, which the Megatron checkpoint {mcore} has "
+                                  "(not the model it was converted from)")
+        if tuple(ckpt.shape(name)) != tuple(recorded[name]["shape"]):
+            raise ConversionError(f"{hf}: tensor {name!r} has shape {tuple(ckpt.shape(name))}, the Megatron "
+                                  f"checkpoint's is {tuple(recorded[name]['shape'])} (not the model it was converted from)")
+    extra = [n for n in ckpt.keys() if n not in recorded]
+    if extra:
+        raise ConversionError(f"{hf}: tensor {extra[0]!r} is not in the Megatron checkpoint {mcore}")
+    return cfg, meta
+
+
+def _verify(args: argparse.Namespace) -> int:
+    cfg, meta = _preflight(args)
+    import torch
+
+    from conversion.integrity import verify_megatron_checkpoint
+    from conversion.safetensors_io import dtype_from_name, dtype_name
+
+    verify_megatron_checkpoint(Path(args.mcore_path), meta)  # before loading anything heavy
+    dtype = torch.float32 if args.dtype == "fp32" else dtype_from_name(meta["params_dtype"])
+    dtype_label = dtype_name(dtype)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    probes = PROBES[cfg.kind]
+    inputs = {p.modality: p.make_inputs(cfg.text, args) for p in probes}
+
+    hf_model = _load_hf_model(Path(args.hf_path), cfg.kind, dtype, device, quiet=not args.debug)
+    reference = {p.modality: p.hf_logits(hf_model, inputs[p.modality]) for p in probes}
+    del hf_model
+    gc.collect()
+
+    from bridge import AutoBridge
+
+    model = AutoBridge.load_megatron_model(args.mcore_path, dtype=dtype)
+    if isinstance(model, list):
+        raise ConversionError("bridge-verify runs one model chunk (no virtual pipeline stages)")
+    model.eval()
+    rows, failed = [], []
+    for p in probes:
+        ref = reference[p.modality]
+        got = p.megatron_logits(model, inputs[p.modality])[..., : ref.shape[-1]]
+        if got.shape != ref.shape:
+            raise ConversionError(f"{p.modality}: Megatron logits have shape {tuple(got.shape)}, transformers' "
+                                  f"{tuple(ref.shape)}")
+        err = (got - ref).abs().max().item()
+        top = ref.abs().max().item()
+        tol = args.tol if args.tol is not None else default_tolerance(dtype_label, top)
+        ok = err <= tol  # NaN compares False: a NaN fails
+        if not ok:
+            failed.append(p.modality)
+        rows.append((p.modality, p.describe(inputs[p.modality]), f"{err:.3e}", f"{top:.3f}", f"{tol:.3e}",
+                     "ok" if ok else "FAIL"))
+    header = ("modality", "probe", "max|dlogit|", "max|logit|", "tolerance", "result")
+    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+    print(f"bridge-verify: {args.hf_path} (transformers) vs {args.mcore_path} (Megatron), "
+          f"checkpoint {meta['params_dtype']}, computed in {dtype_label} on {device.type}, seed {args.seed}")
+    for r in [header] + rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    if failed:
+        print(f"error: max |delta logit| above tolerance for {', '.join(failed)}: the checkpoints differ",
+              file=sys.stderr)
+        return EXIT_MISMATCH
+    print("ok: every modality within tolerance")
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    from bridge.cli import _run
+
+    p = argparse.ArgumentParser(prog="bridge-verify",
+                                description="Compare a converted Megatron checkpoint with its Hugging Face source on fixed probe inputs.")
+    p.add_argument("--hf-path", required=True, help="Hugging Face model directory")
+    p.add_argument("--mcore-path", required=True, help="Megatron checkpoint directory written by convert-hf-to-mcore")
+    p.add_argument("--tol", type=float, default=None,
+                   help="absolute bound on max |delta logit| (default: 1e-4 x max(1, max|logit|) in fp32; "
+                        "bf16 0.3x, fp16 0.1x with --dtype checkpoint)")
+    p.add_argument("--dtype", choices=["fp32", "checkpoint"], default="fp32",
+                   help="compute dtype of both models (default fp32: exact upcast, sharp comparison)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the probe inputs")
+    p.add_argument("--batch", type=int, default=2, help="probe batch size")
+    p.add_argument("--seq-len", type=int, default=64, help="probe sequence length (text tokens)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    return _run(_verify, p, argv)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""Checksums of checkpoint files, and reading a converted checkpoint's `bridge_meta.json` without
+megatron (so the CLIs can refuse a broken input in a second, before importing anything heavy).
+
+A Megatron checkpoint written by the bridge records:
+- in `bridge_meta.json`, `hf_checksums`: {file: {size, sha256}} of the source HF weight files
+  (safetensors + index) and config.json, taken at conversion time: what it was made from;
+- in `bridge_checksums.json` (named by `checksums_file` in `bridge_meta.json`): {path: {size,
+  sha256}} of every other file of the checkpoint (`release/*` of megatron-core's dist checkpoint,
+  `bridge_meta.json`, the tracker, `hf_assets/*`), taken when the checkpoint is complete and before it
+  is renamed into place. Loading verifies them (`verify_megatron_checkpoint`): a changed, truncated
+  or missing file is refused, naming the file. Files added later (not recorded) are not checked.
+Checkpoints written before checksums were recorded (no `checksums_file`) load unverified.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Dict, Iterable, Optional, Tuple
+
+from conversion.errors import ConversionError
+
+META_NAME = "bridge_meta.json"          # = bridge.checkpoint.META_NAME (a test keeps them equal)
+META_FORMAT = "nemotron-omni-bridge/1"  # = bridge.checkpoint.META_FORMAT
+CHECKSUMS_NAME = "bridge_checksums.json"
+CHECKSUMS_FORMAT = "sha256/1"
+_CHUNK = 8 * 1024 * 1024
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(_CHUNK)
+            if not block:
+                return h.hexdigest()
+            h.update(block)  # hashlib releases the GIL: files hash in parallel in threads
+
+
+def checksums(root: Path, rel_paths: Iterable[str]) -> Dict[str, Dict]:
+    """{relative path: {"size", "sha256"}} for the given files under `root` (hashed in parallel)."""
+    root = Path(root)
+    rel_paths = sorted(set(rel_paths))
+    workers = max(1, min(8, os.cpu_count() or 1, len(rel_paths)))
+    with ThreadPoolExecutor(workers) as pool:
+        digests = list(pool.map(lambda r: sha256_file(root / r), rel_paths))
+    return {r: {"size": (root / r).stat().st_size, "sha256": d} for r, d in zip(rel_paths, digests)}
+
+
+def tree_checksums(root: Path, exclude: Iterable[str] = (CHECKSUMS_NAME,)) -> Dict[str, Dict]:
+    """Checksums of every file under `root`, keyed by posix path relative to `root`."""
+    root = Path(root)
+    exclude = set(exclude)
+    files = [p.relative_to(root).as_posix() for p in sorted(root.rglob("*")) if p.is_file()]
+    return checksums(root, [f for f in files if f not in exclude])
+
+
+def write_checksums_file(root: Path) -> None:
+    """Write `bridge_checksums.json` for every file now under `root` (the finished checkpoint)."""
+    doc = {"format": CHECKSUMS_FORMAT, "files": tree_checksums(root)}
+    (Path(root) / CHECKSUMS_NAME).write_text(json.dumps(doc, indent=1) + "\n")
+
+
+_verified: Dict[Tuple[str, str], Tuple] = {}
+
+
+def verify_checksums(root: Path, recorded: Optional[Dict[str, Dict]], what: str = "checkpoint file") -> None:
+    """Every recorded file exists with its recorded size and sha256; else one error naming the file.
+
+    Sizes are checked for all files first (cheap), then the hashes. A successful verification is
+    remembered for this process as long as no file's size / mtime changed, so the CLI's early check
+    and the loader do not hash twice.
+    """
+    if not recorded:
+        return
+    root = Path(root)
+    stats = []
+    for rel, rec in sorted(recorded.items()):
+        path = root / rel
+        if not path.is_file():
+            raise ConversionError(f"{path}: {what} is missing (it was written at conversion and is recorded in {META_NAME})")
+        st = path.stat()
+        if st.st_size != rec.get("size"):
+            raise ConversionError(f"{path}: {what} has {st.st_size} bytes, {rec.get('size')} were written at conversion "
+                                  f"(the file is truncated or corrupt)")
+        stats.append((rel, st.st_size, st.st_mtime_ns, st.st_ino))
+    key = (str(root.resolve()), json.dumps(recorded, sort_keys=True))
+    if _verified.get(key) == tuple(stats):
+        return
+    actual = checksums(root, recorded)
+    for rel, rec in sorted(recorded.items()):
+        if actual[rel]["sha256"] != rec.get("sha256"):
+            raise ConversionError(f"{root / rel}: {what} is corrupt: sha256 {actual[rel]['sha256'][:16]}... differs from "
+                                  f"{str(rec.get('sha256'))[:16]}... recorded at conversion in {META_NAME}")
+    _verified[key] = tuple(stats)
+
+
+def read_meta(path: Path) -> Dict:
+    """`bridge_meta.json` of a converted checkpoint, checked (same rules as bridge.checkpoint.read_meta)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ConversionError(f"{path}: input path does not exist or is not a directory (expected a converted Megatron checkpoint)")
+    meta_path = path / META_NAME
+    if not meta_path.is_file():
+        raise ConversionError(f"{meta_path}: missing; {path} is not a checkpoint written by convert-hf-to-mcore")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConversionError(f"{meta_path}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != META_FORMAT:
+        got = meta.get("format") if isinstance(meta, dict) else None
+        raise ConversionError(f"{meta_path}: format {got!r}, expected {META_FORMAT!r}")
+    for field in ("hf_config", "hf_manifest", "params_dtype"):
+        if field not in meta:
+            raise ConversionError(f"{meta_path}: missing required field {field!r}")
+    return meta
+
+
+def verify_megatron_checkpoint(path: Path, meta: Optional[Dict] = None) -> Dict:
+    """Read and check `bridge_meta.json`, then verify every file recorded in the checksum file."""
+    path = Path(path)
+    meta = meta if meta is not None else read_meta(path)
+    name = meta.get("checksums_file")
+    if not name:
+        return meta  # written before checksums were recorded
+    sums_path = path / name
+    if not sums_path.is_file():
+        raise ConversionError(f"{sums_path}: missing ({META_NAME} says the checkpoint's checksums are recorded there)")
+    try:
+        doc = json.loads(sums_path.read_text())
+        files = doc["files"]
+        if doc.get("format") != CHECKSUMS_FORMAT or not isinstance(files, dict):
+            raise ValueError(f"format {doc.get('format')!r}, expected {CHECKSUMS_FORMAT!r}")
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise ConversionError(f"{sums_path}: not a valid checksum file ({e})") from None
+    verify_checksums(path, files, "Megatron checkpoint file")
+    return meta

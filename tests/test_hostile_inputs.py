@@ -1,0 +1,325 @@
+"""Broken and hostile inputs, interruptions and integrity, through the real console scripts.
+
+Each case feeds a broken input to `convert-hf-to-mcore` / `convert-mcore-to-hf` in a subprocess and
+checks: the exit code, ONE `error:` line on stderr naming the file / tensor / field, no traceback,
+and no output directory (nor hidden temporary) left behind. The cases that fail before megatron
+is imported run concurrently (a few seconds each); the kill / Ctrl-C tests interrupt a real
+conversion at a known point with the documented BRIDGE_TEST_PAUSE hook.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+from conversion.errors import ConversionError
+from conversion.safetensors_io import HFCheckpoint, read_safetensors_header
+from tests.cli_helpers import (
+    BIN, assert_clean_failure, copy_dir, edit_config, edit_index, edit_tensors, hidden_siblings, run_cli,
+    shard_of, shards, tiny_converted,
+)
+
+H2M, M2H = "convert-hf-to-mcore", "convert-mcore-to-hf"
+A_LOG = "backbone.layers.0.mixer.A_log"
+O_PROJ = "backbone.layers.1.mixer.o_proj.weight"
+
+
+# ---------------------------------------------------------------------------- broken HF inputs
+# name -> (prepare(hf_dir, work) -> extra CLI args or None, expected fragments of the error line)
+
+def _truncate(hf, work):
+    path = shards(hf)[1]
+    path.write_bytes(path.read_bytes()[:-100])
+    return {"fragments": [path.name, "truncated"]}
+
+
+def _corrupt_header(hf, work):
+    path = shards(hf)[0]
+    data = bytearray(path.read_bytes())
+    data[8:14] = b"\x00garb"[:6].ljust(6, b"!")
+    path.write_bytes(bytes(data))
+    return {"fragments": [path.name, "corrupt safetensors header"]}
+
+
+def _huge_header_length(hf, work):
+    path = shards(hf)[0]
+    data = bytearray(path.read_bytes())
+    data[:8] = (2**40).to_bytes(8, "little")
+    path.write_bytes(bytes(data))
+    return {"fragments": [path.name, "header length"]}
+
+
+def _index_missing_shard(hf, work):
+    victim = shards(hf)[2]
+    victim.unlink()
+    return {"fragments": ["model.safetensors.index.json", victim.name, "does not exist"]}
+
+
+def _index_escapes_dotdot(hf, work):
+    (hf.parent / "outside.safetensors").write_bytes(shards(hf)[0].read_bytes())
+    edit_index(hf, lambda m: m.__setitem__(A_LOG, "../outside.safetensors"))
+    return {"fragments": ["'../outside.safetensors'", "escapes the checkpoint directory"]}
+
+
+def _index_escapes_absolute(hf, work):
+    edit_index(hf, lambda m: m.__setitem__(A_LOG, str(shards(hf)[0].resolve())))
+    return {"fragments": ["must be a relative file name"]}
+
+
+def _config_missing_field(hf, work):
+    edit_config(hf, lambda c: c.pop("hidden_size"))
+    return {"fragments": ["config.json", "missing required field 'hidden_size'"]}
+
+
+def _config_size_mismatch(hf, work):
+    edit_config(hf, lambda c: c.__setitem__("hidden_size", 80))
+    return {"fragments": ["'backbone.embeddings.weight'", "(300, 64)", "(300, 80)", "hidden_size"]}
+
+
+def _unknown_architecture(hf, work):
+    edit_config(hf, lambda c: c.update(architectures=["LlamaForCausalLM"], model_type="llama"))
+    return {"fragments": ["config.json", "unknown architecture", "LlamaForCausalLM"]}
+
+
+def _missing_tensor(hf, work):
+    edit_tensors(hf, O_PROJ, lambda s: (s.pop(O_PROJ), None)[1])
+    edit_index(hf, lambda m: m.pop(O_PROJ))
+    return {"fragments": ["missing tensor", O_PROJ]}
+
+
+def _unexpected_tensor(hf, work):
+    name = "backbone.layers.0.mixer.extra.weight"
+    edit_tensors(hf, A_LOG, lambda s: s.__setitem__(name, torch.zeros(3)))
+    edit_index(hf, lambda m: m.__setitem__(name, shard_of(hf, A_LOG).name))
+    return {"fragments": ["unexpected tensor", name]}
+
+
+def _int32_tensor(hf, work):
+    edit_tensors(hf, A_LOG, lambda s: s.__setitem__(A_LOG, s[A_LOG].to(torch.int32)))
+    return {"fragments": [A_LOG, "dtype int32", "expected float32"]}
+
+
+def _fp16_tensor(hf, work):
+    edit_tensors(hf, O_PROJ, lambda s: s.__setitem__(O_PROJ, s[O_PROJ].to(torch.float16)))
+    return {"fragments": [O_PROJ, "dtype float16", "expected float32"]}
+
+
+def _wrong_shape(hf, work):
+    edit_tensors(hf, A_LOG, lambda s: s.__setitem__(A_LOG, torch.zeros(9)))
+    return {"fragments": [A_LOG, "(9,)", "(8,)", "mamba_num_heads"]}
+
+
+def _pickle_only(hf, work):
+    for p in shards(hf):
+        p.unlink()
+    (hf / "model.safetensors.index.json").unlink()
+    (hf / "pytorch_model.bin").write_bytes(b"\x80\x04 not unpickled")
+    return {"fragments": ["pytorch_model.bin", "safetensors is required"]}
+
+
+def _input_missing(hf, work):
+    return {"hf": work / "no_such_dir", "fragments": ["no_such_dir", "input path does not exist"]}
+
+
+def _output_not_empty(hf, work):
+    out = work / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    return {"out": out, "output_existed": True, "fragments": ["output path exists and is not empty", "--overwrite"]}
+
+
+def _output_inside_input(hf, work):
+    return {"out": hf / "mcore", "fragments": ["must be outside the input"]}
+
+
+def _no_disk_space(hf, work):
+    return {"env": {"BRIDGE_FAKE_FREE_BYTES": "1000"}, "fragments": ["not enough free disk space", "1000 B"]}
+
+
+def _bad_layout(hf, work):  # the one HF case that imports megatron (the layout check lives in bridge.parallel)
+    return {"args": ["--tp", "3", "--pp", "3", "--ep", "3"],
+            "fragments": ["TP=3", "PP=3", "EP=3", "heads", "experts", "layers"]}
+
+
+HF_CASES = {f.__name__.lstrip("_"): f for f in [
+    _truncate, _corrupt_header, _huge_header_length, _index_missing_shard, _index_escapes_dotdot,
+    _index_escapes_absolute, _config_missing_field, _config_size_mismatch, _unknown_architecture,
+    _missing_tensor, _unexpected_tensor, _int32_tensor, _fp16_tensor, _wrong_shape, _pickle_only,
+    _input_missing, _output_not_empty, _output_inside_input, _no_disk_space, _bad_layout,
+]}
+
+
+# ---------------------------------------------------------------------------- broken Megatron inputs
+
+def _flip_release_byte(src, work):
+    mc = copy_dir(src, work / "mc")
+    victim = sorted((mc / "release").glob("*.distcp"))[0]
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    victim.write_bytes(bytes(data))
+    return {"mc": mc, "fragments": [f"release/{victim.name}", "corrupt", "sha256"]}
+
+
+def _truncate_release(src, work):
+    mc = copy_dir(src, work / "mc")
+    victim = sorted((mc / "release").glob("*.distcp"))[0]
+    victim.write_bytes(victim.read_bytes()[:-10])
+    return {"mc": mc, "fragments": [f"release/{victim.name}", "bytes", "truncated"]}
+
+
+def _meta_edited(src, work):
+    mc = copy_dir(src, work / "mc")
+    meta = json.loads((mc / "bridge_meta.json").read_text())
+    meta["params_dtype"] = "bfloat16"
+    (mc / "bridge_meta.json").write_text(json.dumps(meta, indent=1))
+    return {"mc": mc, "fragments": ["bridge_meta.json"]}
+
+
+def _checksums_deleted(src, work):
+    mc = copy_dir(src, work / "mc")
+    (mc / "bridge_checksums.json").unlink()
+    return {"mc": mc, "fragments": ["bridge_checksums.json", "missing"]}
+
+
+def _not_a_checkpoint(src, work):
+    (work / "plain").mkdir()
+    return {"mc": work / "plain", "fragments": ["bridge_meta.json", "not a checkpoint written by convert-hf-to-mcore"]}
+
+
+def _mcore_missing(src, work):
+    return {"mc": work / "nothing_here", "fragments": ["nothing_here", "does not exist"]}
+
+
+def _mcore_output_not_empty(src, work):
+    out = work / "out"
+    out.mkdir()
+    (out / "x").write_text("x")
+    return {"out": out, "output_existed": True, "fragments": ["exists and is not empty"]}
+
+
+def _mcore_no_disk_space(src, work):
+    return {"env": {"BRIDGE_FAKE_FREE_BYTES": "5"}, "fragments": ["not enough free disk space"]}
+
+
+MCORE_CASES = {f.__name__.lstrip("_"): f for f in [
+    _flip_release_byte, _truncate_release, _meta_edited, _checksums_deleted, _not_a_checkpoint,
+    _mcore_missing, _mcore_output_not_empty, _mcore_no_disk_space,
+]}
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    return tiny_converted(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def failures(converted, tmp_path_factory):
+    """Prepare every broken input, then run all the CLIs concurrently: name -> (proc, spec)."""
+    hf_src, mc_src = converted
+    jobs = {}
+    for name, prepare in HF_CASES.items():
+        work = tmp_path_factory.mktemp(name)
+        hf = copy_dir(hf_src, work / "hf")
+        spec = {"hf": hf, "out": work / "out", "args": [], "env": {}, "output_existed": False, **prepare(hf, work)}
+        jobs[name] = ([H2M, "--hf-path", spec["hf"], "--output", spec["out"], *spec["args"]], spec)
+    for name, prepare in MCORE_CASES.items():
+        work = tmp_path_factory.mktemp(name)
+        spec = {"mc": mc_src, "out": work / "out", "args": [], "env": {}, "output_existed": False, **prepare(mc_src, work)}
+        jobs[name] = ([M2H, "--mcore-path", spec["mc"], "--output", spec["out"], *spec["args"]], spec)
+
+    def run(item):
+        name, (cmd, spec) = item
+        start = time.time()
+        proc = run_cli(*cmd, env=spec["env"])
+        return name, (proc, spec, time.time() - start)
+
+    with ThreadPoolExecutor(4) as pool:
+        return dict(pool.map(run, jobs.items()))
+
+
+@pytest.mark.parametrize("case", list(HF_CASES) + list(MCORE_CASES))
+def test_broken_input_fails_cleanly(failures, case):
+    proc, spec, seconds = failures[case]
+    line = assert_clean_failure(proc, spec["out"], *spec["fragments"], output_existed=spec["output_existed"])
+    print(f"{case} ({seconds:.1f}s): {line}")
+    if spec["output_existed"]:
+        assert sorted(p.name for p in Path(spec["out"]).iterdir()) in (["keep.txt"], ["x"])  # untouched
+
+
+def test_index_and_shards_that_disagree(tmp_path, converted):
+    """A shard holding a tensor its index assigns elsewhere (or does not list) is refused at open time."""
+    hf = copy_dir(converted[0], tmp_path / "hf")
+    first, second = shards(hf)[:2]
+    name = next(iter(read_safetensors_header(second)))
+    edit_index(hf, lambda m: m.__setitem__(name, first.name))
+    with pytest.raises(ConversionError, match="the shards and the index disagree|listed in the index is missing"):
+        HFCheckpoint(hf)
+
+
+# ---------------------------------------------------------------------------- interruptions
+
+def _start_paused(cmd, point: str, marker: Path, timeout: float = 240):
+    env = {**os.environ, "BRIDGE_TEST_PAUSE": f"{point}:{marker}"}
+    proc = subprocess.Popen([str(BIN / cmd[0]), *map(str, cmd[1:])], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + timeout
+    while not marker.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"exited before pausing: {proc.returncode} {proc.stderr.read()[-3000:]}")
+        assert time.time() < deadline, "never reached the pause point"
+        time.sleep(0.1)
+    return proc
+
+
+def test_sigkill_half_way_leaves_nothing_and_the_rerun_succeeds(tmp_path, converted):
+    hf, _ = converted
+    out = tmp_path / "mcore"
+    proc = _start_paused([H2M, "--hf-path", hf, "--output", out, "--quiet"], "before-rename", tmp_path / "m1")
+    stale = hidden_siblings(out)
+    assert len(stale) == 1 and stale[0].startswith(".mcore.tmp-")  # complete data, not yet renamed
+    assert (tmp_path / stale[0] / "release").is_dir()
+    proc.kill()
+    proc.wait(30)
+    assert not out.exists()  # nothing at the output path
+    # The killed run's temporary is never mistaken for a checkpoint ...
+    failed = run_cli(M2H, "--mcore-path", out, "--output", tmp_path / "hf_back")
+    assert_clean_failure(failed, tmp_path / "hf_back", "does not exist")
+    # ... and the next run into the same output starts clean (removing it) and succeeds.
+    rerun = run_cli(H2M, "--hf-path", hf, "--output", out, "--quiet")
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert (out / "release").is_dir() and (out / "bridge_meta.json").is_file()
+    assert hidden_siblings(out) == []
+
+
+def test_sigkill_during_export_leaves_nothing(tmp_path, converted):
+    _, mc = converted
+    out = tmp_path / "hf_back"
+    proc = _start_paused([M2H, "--mcore-path", mc, "--output", out], "after-first-file", tmp_path / "m2")
+    tmp = tmp_path / hidden_siblings(out)[0]
+    assert len(list(tmp.glob("*.safetensors"))) == 1  # half-way: one shard of several written
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    assert not out.exists()
+
+
+def test_ctrl_c_stops_promptly_and_removes_temporaries(tmp_path, converted):
+    hf, _ = converted
+    out = tmp_path / "mcore"
+    proc = _start_paused([H2M, "--hf-path", hf, "--output", out], "before-rename", tmp_path / "m3")
+    assert len(hidden_siblings(out)) == 1
+    start = time.time()
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=30)
+    assert time.time() - start < 10
+    assert proc.returncode == 130, stderr[-3000:]
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: interrupted"), stderr[-3000:]
+    assert not out.exists() and hidden_siblings(out) == []
