@@ -123,3 +123,22 @@ def _stored_input_conditioner_class():
 
 def _StoredInputConditioner(config):
     return _stored_input_conditioner_class()(config)
+
+
+RELEASED_NAMES = {"text_config": "llm_config", "audio_config": "sound_config", "vision_hidden_size": "vit_hidden_size",
+                  "image_token_id": "img_context_token_id", "video_token_id": "video_context_token_id",
+                  "audio_token_id": "sound_context_token_id"}
+
+
+def use_released_field_names(hf_dir: Path) -> None:
+    """Rewrite an Omni config.json saved by transformers into the released checkpoint's naming
+    (`llm_config` with `hybrid_override_pattern`, `sound_config`, `img_context_token_id`, ...)."""
+    import json
+
+    path = Path(hf_dir) / "config.json"
+    cfg = json.loads(path.read_text())
+    out = {RELEASED_NAMES.get(k, k): v for k, v in cfg.items()}
+    text = out["llm_config"]
+    symbols = {"linear_attention": "M", "full_attention": "*", "mlp": "-", "moe": "E"}
+    text["hybrid_override_pattern"] = "".join(symbols[t] for t in text.pop("layers_block_type"))
+    path.write_text(json.dumps(out, indent=2))

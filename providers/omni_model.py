@@ -106,7 +106,7 @@ class SoundEncoder(MegatronModule):
 
         cfg = {k: v for k, v in sound_config.items() if k != "model_type"}
         cfg = {"attention_bias": False, "scale_input": False, **cfg}
-        self.encoder = ParakeetEncoder(ParakeetEncoderConfig(**cfg))
+        self.encoder = ParakeetEncoder(ParakeetEncoderConfig(**cfg)).to(config.params_dtype)
 
     def forward(self, input_features: torch.Tensor, input_features_mask: Optional[torch.Tensor]) -> torch.Tensor:
         """Mel features of padded clips -> one row per real (subsampled) frame, clips concatenated."""
@@ -114,10 +114,10 @@ class SoundEncoder(MegatronModule):
         hidden = self.encoder(input_features=input_features.to(dtype), attention_mask=input_features_mask,
                               return_dict=True).last_hidden_state
         if input_features_mask is None:
-            return hidden.reshape(-1, hidden.shape[-1])
+            return hidden.reshape(-1, hidden.shape[-1]).to(self.config.params_dtype)
         lengths = self.encoder._get_subsampling_output_length(input_features_mask.sum(-1) + 1)
         keep = torch.arange(hidden.shape[1])[None, :] < lengths[:, None]
-        return hidden[keep]
+        return hidden[keep].to(self.config.params_dtype)
 
 
 def scatter_features(embeddings: torch.Tensor, input_ids: torch.Tensor, token_id: int,
