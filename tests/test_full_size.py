@@ -73,3 +73,38 @@ def test_full_size_language_model_on_meta(parallel_state, tmp_path):
     names = W.canonical_names(model)
     rules = {r.megatron: r for r in bridge.rules()}
     assert sorted(names) == sorted(rules)
+
+
+def test_full_size_omni_on_meta(parallel_state):
+    """The released Omni model (reference config): every HF tensor mapped, and the megatron model's
+    parameters (+ the carried RADIO layer-scale vectors, which the megatron ViT layer does not have)
+    number exactly transformers' 33,015,628,736."""
+    from transformers import NemotronH_Omni_Reasoning_V3, NemotronH_Omni_Reasoning_V3_Config
+
+    from bridge import weights as W
+    from conversion.safetensors_io import dtype_name
+
+    raw = json.loads((DATA / CONFIGS[0]).read_text())
+    raw["architectures"] = ["NemotronH_Omni_Reasoning_V3"]
+    with torch.device("meta"):
+        hf = NemotronH_Omni_Reasoning_V3(NemotronH_Omni_Reasoning_V3_Config(
+            **{k: v for k, v in raw.items() if not k.startswith("_")}))
+    hf_params = sum(p.numel() for p in hf.parameters())
+    hf_state = revert_weight_conversion(hf, hf.state_dict())
+    assert hf_params == 33_015_628_736
+
+    manifest = {n: {"file": "model.safetensors", "dtype": dtype_name(t.dtype), "shape": list(t.shape)}
+                for n, t in hf_state.items()}
+    bridge = AutoBridge(hf_config.parse_config(raw), manifest=manifest)
+    assert sorted(bridge.hf_names()) == sorted(hf_state)
+
+    provider = bridge.to_megatron_provider()
+    assert provider.has_sound and provider.separate_video_embedder and provider.temporal_patch_dim == 2
+    provider.perform_initialization = False
+    with torch.device("meta"):
+        model = provider.provide()
+    assert all(p.device.type == "meta" for p in model.parameters())
+    layer_scales = sum(b.numel() for n, b in model.hf_extras.named_buffers() if "layer_scale" in n)
+    assert layer_scales == 32 * 2 * 1280
+    assert sum(p.numel() for p in model.parameters()) + layer_scales == hf_params
+    assert sorted(bridge._chunk_tensors(model)) == sorted(r.megatron for r in bridge.rules())
