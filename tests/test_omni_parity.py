@@ -101,3 +101,66 @@ def test_model_without_sound(parallel_state, tmp_path):
     pixels = torch.randn(16, 48, generator=G)
     ids = _place(_ids(), IMAGE_TOKEN, 4)
     _check(hf.eval(), model.eval(), ids, "no-sound image", dict(pixel_values=pixels, image_grid_hw=grid))
+
+
+def _swap_rows(t, a, b, n):
+    with torch.no_grad():
+        ta = t[a:a + n].clone()
+        t[a:a + n] = t[b:b + n]
+        t[b:b + n] = ta
+
+
+def _break_vision_qk(model):
+    qkv = model.vision_model.decoder.layers[0].self_attention.linear_qkv.weight  # per head: q, k, v (8 rows each)
+    _swap_rows(qkv, 0, 8, 8)
+
+
+def _break_projector_norm(model):
+    w = model.vision_projection.encoder.linear_fc1.layer_norm_weight
+    with torch.no_grad():
+        w.copy_(w.flip(0))
+
+
+def _break_audio_attention(model):
+    attn = model.sound_encoder.encoder.layers[0].self_attn
+    with torch.no_grad():
+        q = attn.q_proj.weight.clone()  # query <-> value projections swapped
+        attn.q_proj.weight.copy_(attn.v_proj.weight)
+        attn.v_proj.weight.copy_(q)
+
+
+@pytest.mark.parametrize("breakage,inputs", [
+    (_break_vision_qk, "image"), (_break_projector_norm, "image"), (_break_audio_attention, "audio")])
+def test_parity_catches_a_broken_mapping_in_each_tower(omni, breakage, inputs):
+    hf, _, bridge = omni
+    model = bridge.to_megatron_provider().provide()
+    bridge.load_hf_weights(model)
+    model.eval()
+    if inputs == "image":
+        grid = torch.tensor([[4, 4]])
+        kwargs = dict(pixel_values=torch.randn(16, 48, generator=torch.Generator().manual_seed(3)), image_grid_hw=grid)
+        ids = _place(_ids(), IMAGE_TOKEN, 4)
+    else:
+        features, mask = torch.randn(1, 40, 16, generator=torch.Generator().manual_seed(3)), torch.ones(1, 40, dtype=torch.long)
+        kwargs = dict(input_features=features, input_features_mask=mask)
+        ids = _place(_ids(), AUDIO_TOKEN, 5)
+    with torch.no_grad():
+        ref = hf(input_ids=ids, use_cache=False, **kwargs).logits
+        assert max_error(model(ids, **kwargs), ref) <= tolerance(ref)
+        breakage(model)
+        assert max_error(model(ids, **kwargs), ref) > 100 * tolerance(ref)
+
+
+def test_freeze_flags_freeze_exactly_their_module(omni):
+    _, _, bridge = omni
+    for flag, module in (("freeze_language_model", "language_model"), ("freeze_vision_model", "vision_model"),
+                         ("freeze_vision_projection", "vision_projection"), ("freeze_sound_encoder", "sound_encoder"),
+                         ("freeze_sound_projection", "sound_projection")):
+        provider = bridge.to_megatron_provider()
+        setattr(provider, flag, True)
+        model = provider.provide()
+        for name, child in model.named_children():
+            grads = {p.requires_grad for p in child.parameters()}
+            if not grads:  # hf_extras: buffers only
+                continue
+            assert grads == ({False} if name == module else {True}), (flag, name)
