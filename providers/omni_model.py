@@ -22,6 +22,7 @@ from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
+from megatron.core import tensor_parallel
 from megatron.core.models.vision.multimodal_projector import MultimodalProjector
 from megatron.core.models.vision.radio import RADIOViTModel
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear
@@ -205,6 +206,8 @@ class NemotronOmniModel(MegatronModule):
                     raise ValueError("input_features given but this model has no sound encoder (has_sound=False)")
                 embeddings = scatter_features(embeddings, input_ids, self.sound_context_token_id,
                                               self.sound_embeddings(input_features, input_features_mask), "audio")
+            if self.config.sequence_parallel:  # merged on the full sequence, then split across TP
+                embeddings = tensor_parallel.scatter_to_sequence_parallel_region(embeddings)
             decoder_input = embeddings
         return self.language_model(input_ids, position_ids, attention_mask, decoder_input=decoder_input,
                                    labels=labels, packed_seq_params=packed_seq_params)
