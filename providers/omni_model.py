@@ -98,6 +98,22 @@ def pixel_shuffle(features: torch.Tensor, rows: int, cols: int, scale: float = 0
     return x.reshape(n, -1, x.shape[-1])
 
 
+def evs_retention_mask(video: torch.Tensor, frames: int, rows: int, cols: int, pruning_rate: float) -> torch.Tensor:
+    """Efficient Video Sampling: which of the `frames*rows*cols` video tokens to keep.
+
+    A token's score is its dissimilarity (1 - cosine similarity) to the same position in the
+    previous frame; the first frame always stays (score 255). The `max(one frame,
+    frames*rows*cols*(1-rate))` highest-scoring tokens are kept (stable order on ties)."""
+    x = video.reshape(frames, rows, cols, video.shape[-1])
+    dissimilarity = 1 - F.cosine_similarity(x[1:], x[:-1], dim=-1)
+    dissimilarity = torch.cat([255 * torch.ones_like(x[:1, :, :, 0]), dissimilarity]).reshape(-1)
+    keep_count = max(rows * cols, int(frames * rows * cols * (1 - pruning_rate)))
+    order = torch.argsort(dissimilarity, descending=True, stable=True)[:keep_count]
+    keep = torch.zeros_like(dissimilarity, dtype=torch.bool)
+    keep[order] = True
+    return keep
+
+
 class SoundEncoder(MegatronModule):
     """transformers' Parakeet (FastConformer) encoder, held as `.encoder`."""
 
@@ -167,15 +183,30 @@ class NemotronOmniModel(MegatronModule):
                     for f, (r, c) in zip(feats, image_grid_hw.tolist())]
         return self.vision_projection(torch.cat(shuffled))
 
-    def video_embeddings(self, pixel_values_videos) -> torch.Tensor:
+    def video_embeddings(self, pixel_values_videos):
+        """Projected video tokens `[groups*rows*cols, hidden]` (frame groups, then positions) and
+        the keep-mask of Efficient Video Sampling (None when `video_pruning_rate` is 0)."""
         feats = self.vision_model.forward_video(pixel_values_videos)
         p = self.vision_model.patch_dim
         rows, cols = pixel_values_videos.shape[-2] // p, pixel_values_videos.shape[-1] // p
         projected = self.vision_projection(pixel_shuffle(feats, rows, cols, self.downsample_ratio))
-        return projected.reshape(-1, projected.shape[-1])  # frames in order, tokens in order
+        video = projected.reshape(-1, projected.shape[-1])
+        keep = None
+        if self.video_pruning_rate > 0:
+            scale = int(1 / self.downsample_ratio)
+            keep = evs_retention_mask(video, projected.shape[0], rows // scale, cols // scale, self.video_pruning_rate)
+        return video, keep
 
     def sound_embeddings(self, input_features, input_features_mask) -> torch.Tensor:
         return self.sound_projection(self.sound_encoder(input_features, input_features_mask))
+
+    @staticmethod
+    def _prune(keep, embeddings, input_ids, labels):
+        if input_ids.shape[0] != 1:
+            raise ValueError("Efficient Video Sampling prunes the sequence; it needs batch size 1 (as the reference)")
+        k = keep[0]
+        labels = labels[:, k] if labels is not None else None
+        return embeddings[k], input_ids[:, k], labels
 
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
@@ -189,15 +220,14 @@ class NemotronOmniModel(MegatronModule):
         decoder_input = None
         if self.pre_process:
             embeddings = self.language_model.embedding(input_ids=input_ids, position_ids=position_ids)
-            visual = []
+            visual, video_keep = [], None
             if pixel_values is not None:
                 if self.vision_model is None:
                     raise ValueError("pixel_values given but this model has no vision encoder")
                 visual.append(self.image_embeddings(pixel_values, image_grid_hw))
             if pixel_values_videos is not None:
-                if self.video_pruning_rate > 0:
-                    raise NotImplementedError("Efficient Video Sampling (video_pruning_rate > 0) is not implemented yet")
-                visual.append(self.video_embeddings(pixel_values_videos))
+                video, video_keep = self.video_embeddings(pixel_values_videos)
+                visual.append(video)
             if visual:  # images and video frames both use the image token, in that order
                 embeddings = scatter_features(embeddings, input_ids, self.image_token_index,
                                               torch.cat(visual), "image/video")
@@ -206,6 +236,12 @@ class NemotronOmniModel(MegatronModule):
                     raise ValueError("input_features given but this model has no sound encoder (has_sound=False)")
                 embeddings = scatter_features(embeddings, input_ids, self.sound_context_token_id,
                                               self.sound_embeddings(input_features, input_features_mask), "audio")
+            if video_keep is not None:  # EVS: drop the pruned video tokens from the sequence
+                keep = torch.ones_like(input_ids, dtype=torch.bool)
+                placeholders = (input_ids == self.image_token_index).nonzero()
+                keep[tuple(placeholders[len(placeholders) - len(video_keep):].T)] = video_keep
+                embeddings, input_ids, labels = self._prune(keep, embeddings, input_ids, labels)
+                position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
             if self.config.sequence_parallel:  # merged on the full sequence, then split across TP
                 embeddings = tensor_parallel.scatter_to_sequence_parallel_region(embeddings)
             decoder_input = embeddings

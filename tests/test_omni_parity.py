@@ -164,3 +164,28 @@ def test_freeze_flags_freeze_exactly_their_module(omni):
             if not grads:  # hf_extras: buffers only
                 continue
             assert grads == ({False} if name == module else {True}), (flag, name)
+
+
+def test_video_with_efficient_video_sampling(omni):
+    """video_pruning_rate > 0: the pruned tokens leave the sequence (reference assembled by hand
+    from get_video_features and transformers' own compute_retention_mask)."""
+    from transformers.models.nemotron_h_omni.modeling_nemotron_h_omni import compute_retention_mask
+
+    hf, model, _ = omni
+    frames = torch.randn(6, 3, 16, 16, generator=torch.Generator().manual_seed(4))  # 3 groups of 2x2 tokens
+    rate = 0.5
+    with torch.no_grad():
+        video = hf.get_video_features(frames).pooler_output.reshape(-1, hf.config.text_config.hidden_size)
+        ids = _place(_ids(), IMAGE_TOKEN, video.shape[0])
+        embeds = hf.get_input_embeddings()(ids)
+        embeds = embeds.masked_scatter((ids == IMAGE_TOKEN).unsqueeze(-1).expand_as(embeds), video)
+        keep_video = compute_retention_mask(video_embeds=video, thw=(3, 2, 2), spatial_merge_size=1, q=rate)
+        assert 0 < int(keep_video.sum()) < video.shape[0]  # something is pruned, something kept
+        keep = torch.ones_like(ids, dtype=torch.bool)
+        keep[ids == IMAGE_TOKEN] = keep_video
+        ref = hf.language_model(inputs_embeds=embeds[keep].unsqueeze(0), use_cache=False).logits
+    model.video_pruning_rate = rate
+    try:
+        _check(hf, model, ids, "video+EVS", mg_kwargs=dict(pixel_values_videos=frames), reference=ref)
+    finally:
+        model.video_pruning_rate = 0.0
