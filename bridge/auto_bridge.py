@@ -197,6 +197,10 @@ class AutoBridge:
                 except Exception as e:  # noqa: BLE001 - reshape errors from wrong shapes
                     shapes = [tuple(checkpoint.shape(n)) for n in hf_names]
                     raise ConversionError(f"{', '.join(hf_names)}: shapes {shapes} do not fit the config ({e})") from None
+                if "layer_scale" in name and not torch.all(full == 1):
+                    # megatron-core's ViT layer has no layer scale: only an identity one is exact
+                    raise ConversionError(f"{hf_names[0]}: RADIO layer scale must be all ones (the Megatron "
+                                          "vision layer has no layer scale); got other values")
                 W.load_into(tensor, rule.kind, full, dims, ", ".join(hf_names))
 
     # ------------------------------------------------------------------ megatron -> HF

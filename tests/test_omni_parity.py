@@ -189,3 +189,15 @@ def test_video_with_efficient_video_sampling(omni):
         _check(hf, model, ids, "video+EVS", mg_kwargs=dict(pixel_values_videos=frames), reference=ref)
     finally:
         model.video_pruning_rate = 0.0
+
+
+def test_radio_layer_scale_other_than_one_is_refused(parallel_state, tmp_path):
+    from conversion.errors import ConversionError
+
+    hf = build_hf_omni_model(tiny_omni_config(has_sound=False), seed=5)
+    with torch.no_grad():
+        hf.vision_model.encoder.layer[1].layer_scale2.lambda1.mul_(1.5)
+    bridge = AutoBridge.from_hf_pretrained(save_hf_model(hf, tmp_path / "hf"))
+    model = bridge.to_megatron_provider().provide()
+    with pytest.raises(ConversionError, match=r"blocks\.1\.layer_scale2\.lambda1: RADIO layer scale must be all ones"):
+        bridge.load_hf_weights(model)
