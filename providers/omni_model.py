@@ -26,6 +26,7 @@ from megatron.core import tensor_parallel
 from megatron.core.models.vision.multimodal_projector import MultimodalProjector
 from megatron.core.models.vision.radio import RADIOViTModel
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear
+from megatron.core.transformer.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 
 
@@ -172,6 +173,7 @@ class NemotronOmniModel(MegatronModule):
         self.video_pruning_rate = video_pruning_rate
         self.pre_process = language_model.pre_process
         self.post_process = language_model.post_process
+        self.model_type = ModelType.encoder_or_decoder  # read by megatron's pipeline schedules
 
     def set_input_tensor(self, input_tensor) -> None:
         self.language_model.set_input_tensor(input_tensor)

@@ -51,7 +51,8 @@ _FIRST_STAGE_ONLY = dict(pipeline_model_parallel_size=1, virtual_pipeline_model_
                          num_layers_in_first_pipeline_stage=None, num_layers_in_last_pipeline_stage=None,
                          is_hybrid_model=False, num_moe_experts=None, moe_shared_expert_intermediate_size=None,
                          moe_router_topk_scaling_factor=None, moe_ffn_hidden_size=None,
-                         first_last_layers_bf16=False, sequence_parallel=False)
+                         first_last_layers_bf16=False, sequence_parallel=False,
+                         expert_model_parallel_size=1)  # no experts (megatron rejects EP > 1 without them)
 
 
 @dataclass
