@@ -103,7 +103,7 @@ def expected_lm_tensors(text: Dict, prefix: str = "") -> Dict[str, Tuple[Shape, 
 
 
 def _fmt(shape: Iterable[int]) -> str:
-    return "(" + ", ".join(str(d) for d in shape) + ")"
+    return str(tuple(int(d) for d in shape))
 
 
 # Integer buffers a checkpoint legitimately holds (the Omni's Parakeet batch norms, RADIO).
@@ -149,7 +149,8 @@ def check_tensors(where: str, shapes: Dict[str, Shape], dtypes: Dict[str, torch.
         if dtype == torch.int64 and INTEGER_TENSORS.search(name):
             continue  # Omni: batch-norm counters, RADIO summary_idxs
         if main is None or (dtype != main and dtype != torch.float32):
-            allowed = f"{_dname(main)} (the checkpoint's dtype) or float32" if main is not None else "a floating-point dtype"
+            allowed = ("a floating-point dtype" if main is None else f"{_dname(main)} (the checkpoint's dtype)"
+                       + (" or float32" if main != torch.float32 else ""))
             raise ConversionError(f"{loc(name)}: tensor {name!r} has dtype {_dname(dtype)}, expected {allowed}")
     for name, (shape, formula) in expected.items():
         if tuple(shapes[name]) != tuple(shape):

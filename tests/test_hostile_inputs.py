@@ -323,3 +323,61 @@ def test_ctrl_c_stops_promptly_and_removes_temporaries(tmp_path, converted):
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: interrupted"), stderr[-3000:]
     assert not out.exists() and hidden_siblings(out) == []
+
+
+# ---------------------------------------------------------------------------- pure pieces (in-process)
+
+@pytest.mark.parametrize("kw", [dict(), dict(pattern="EM-*M", num_kv_heads=1, n_routed_experts=6, num_experts_per_tok=3,
+                                             vocab_size=259)])
+def test_expected_shapes_are_transformers_shapes(kw):
+    from transformers.core_model_loading import revert_weight_conversion
+
+    from bridge.tiny_models import build_hf_model, tiny_config
+    from conversion import hf_config, preflight
+
+    model = build_hf_model(tiny_config(**kw))
+    state = revert_weight_conversion(model, model.state_dict())
+    cfg = hf_config.parse_config(model.config.to_dict())
+    expected = preflight.expected_lm_tensors(cfg.text, cfg.lm_prefix)
+    assert {n: tuple(t.shape) for n, t in state.items()} == {n: s for n, (s, _) in expected.items()}
+
+
+def test_meta_constants_match_the_checkpoint_module():
+    from bridge import checkpoint
+    from conversion import integrity
+
+    assert (integrity.META_NAME, integrity.META_FORMAT) == (checkpoint.META_NAME, checkpoint.META_FORMAT)
+
+
+def test_stale_temporaries_of_dead_processes_are_removed(tmp_path):
+    from conversion import safetensors_io as sio
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    host = sio._host()
+    stale = tmp_path / f".out.tmp-{host}-{dead.pid}-abc"
+    live = tmp_path / f".out.tmp-{host}-{os.getpid()}-abc"
+    other_host = tmp_path / f".out.tmp-elsewhere-{dead.pid}-abc"
+    for d in (stale, live, other_host):
+        d.mkdir()
+    assert sio.remove_stale_temporaries(tmp_path / "out") == [stale]
+    assert not stale.exists() and live.exists() and other_host.exists()
+
+
+def test_output_checks(tmp_path, monkeypatch):
+    from conversion import safetensors_io as sio
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConversionError, match="not a directory"):
+        sio.check_output_path(tmp_path / "file")
+    with pytest.raises(ConversionError, match="outside the input"):
+        sio.check_output_path(tmp_path, inputs=[tmp_path / "sub"])
+    monkeypatch.setenv("BRIDGE_FAKE_FREE_BYTES", "10")
+    assert sio.free_bytes(tmp_path / "a" / "b") == 10
+    with pytest.raises(ConversionError, match="not enough free disk space"):
+        sio.check_free_space(tmp_path / "out", 11)
+    # a failed block removes its temporary and the parents it created
+    with pytest.raises(RuntimeError):
+        with sio.atomic_output_dir(tmp_path / "new" / "deeper" / "out"):
+            raise RuntimeError
+    assert not (tmp_path / "new").exists()

@@ -1,0 +1,58 @@
+"""`bridge-verify`: passes on a faithful conversion, fails (exit 3) when one tensor differs."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from bridge.tiny_models import build_hf_model, save_hf_model, tiny_config
+from tests.cli_helpers import copy_dir, run_cli, swap_experts, tiny_converted
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    hf, mc = tiny_converted(tmp_path_factory)
+    tmp = tmp_path_factory.mktemp("verify")
+    swapped = copy_dir(hf, tmp / "hf_swapped")
+    swap_experts(swapped, layer=3)  # pattern M*-EM*E-: layer 3 is MoE; expert 0 <-> 1 up_proj
+    other = save_hf_model(build_hf_model(tiny_config(), seed=8), tmp / "hf_other_seed", dtype=torch.float32,
+                          max_shard_size="100KB")
+    cases = {"same": (hf, mc), "swapped": (swapped, mc), "other_seed": (other, mc)}
+    with ThreadPoolExecutor(3) as pool:
+        futures = {k: pool.submit(run_cli, "bridge-verify", "--hf-path", h, "--mcore-path", m) for k, (h, m) in cases.items()}
+        return {k: f.result() for k, f in futures.items()}
+
+
+def _row(stdout: str):
+    rows = [line.split() for line in stdout.splitlines() if line.startswith("text ")]
+    assert len(rows) == 1, stdout
+    return rows[0]
+
+
+def test_faithful_conversion_passes(runs):
+    proc = runs["same"]
+    print(proc.stdout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = _row(proc.stdout)
+    assert row[-1] == "ok" and float(row[-4]) <= float(row[-2])
+    assert "modality" in proc.stdout and "max|dlogit|" in proc.stdout
+
+
+@pytest.mark.parametrize("case", ["swapped", "other_seed"])
+def test_a_different_tensor_fails(runs, case):
+    proc = runs[case]
+    print(proc.stdout)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    row = _row(proc.stdout)
+    assert row[-1] == "FAIL" and float(row[-4]) > 100 * float(row[-2])
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "above tolerance for text" in lines[0], proc.stderr
+
+
+def test_bad_input_is_one_line(tmp_path):
+    proc = run_cli("bridge-verify", "--hf-path", tmp_path / "missing", "--mcore-path", tmp_path)
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "missing" in lines[0] and "does not exist" in lines[0]
