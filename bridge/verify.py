@@ -20,7 +20,7 @@ errors: bf16 0.3, fp16 0.1, times max(1, max|logit|).
 `--tol X` replaces the default with an absolute bound X.
 
 Modalities are a table keyed by model kind (`PROBES`): text-only NemotronH has `text`; the Omni
-model will add `image`, `video` and `audio` probes with their encoders' inputs.
+model has `text`, `image`, `video` and `audio` probes with their encoders' inputs.
 """
 
 from __future__ import annotations
@@ -44,16 +44,16 @@ class Probe:
 
     modality: str
     describe: Callable[[Dict], str]
-    make_inputs: Callable[[Dict, "argparse.Namespace"], Dict]   # (normalised text config, args) -> inputs
+    make_inputs: Callable[[object, "argparse.Namespace"], Dict]  # (HFModelConfig, args) -> inputs
     hf_logits: Callable[[object, Dict], "object"]               # (transformers model, inputs) -> [b, s, vocab]
     megatron_logits: Callable[[object, Dict], "object"]         # (megatron model, inputs) -> [b, s, padded vocab]
 
 
-def _text_inputs(text: Dict, args) -> Dict:
+def _text_inputs(cfg, args) -> Dict:
     import torch
 
     g = torch.Generator().manual_seed(args.seed)
-    ids = torch.randint(0, text["vocab_size"], (args.batch, args.seq_len), generator=g)
+    ids = torch.randint(0, cfg.text["vocab_size"], (args.batch, args.seq_len), generator=g)
     return {"input_ids": ids}
 
 
@@ -80,9 +80,96 @@ def _megatron_text(model, inputs):
 TEXT = Probe("text", lambda i: f"{i['input_ids'].shape[0]} x {i['input_ids'].shape[1]} random token ids",
              _text_inputs, _hf_text, _megatron_text)
 
+# ------------------------------------------------------------------ Omni probes
+# One sample of `--seq-len` random text tokens (avoiding the special ids) with the modality's
+# placeholders at the front: a 4x4-patch image (4 tokens after the 2x2 pixel shuffle), 3 video
+# frames of 4x4 patches (temporal packing repeats the last frame), one clip of 40 mel frames.
+
+def _omni_inputs(modality: str):
+    def make(cfg, args) -> Dict:
+        import torch
+
+        from conversion.omni import omni_provider_fields
+
+        raw, g = cfg.raw, torch.Generator().manual_seed(args.seed)
+        fields = omni_provider_fields(raw, cfg.scheme, "config.json")
+        special = {fields.get("image_token_index"), fields.get("sound_context_token_id")}
+        ids = torch.randint(0, cfg.text["vocab_size"], (1, max(args.seq_len, 32)), generator=g)
+        for token in special - {None}:
+            ids[ids == token] = (token + 1) % cfg.text["vocab_size"]
+        p = fields.get("vision_patch_dim", 16)
+        inputs = {"input_ids": ids, "image_token": fields.get("image_token_index"),
+                  "audio_token": fields.get("sound_context_token_id")}
+        if modality == "image":
+            inputs.update(pixel_values=torch.randn(16, 3 * p * p, generator=g), image_grid_hw=torch.tensor([[4, 4]]))
+            ids[0, 1:5] = inputs["image_token"]
+        elif modality == "video":
+            inputs["pixel_values_videos"] = torch.randn(3, 3, 4 * p, 4 * p, generator=g)
+        elif modality == "audio":
+            mel = (raw.get("audio_config") or raw.get("sound_config"))["num_mel_bins"]
+            inputs.update(input_features=torch.randn(1, 40, mel, generator=g),
+                          input_features_mask=torch.ones(1, 40, dtype=torch.long))
+        return inputs
+    return make
+
+
+_OMNI_KWARGS = ("pixel_values", "image_grid_hw", "pixel_values_videos", "input_features", "input_features_mask")
+
+
+def _omni_kwargs(inputs, device, dtype=None):
+    out = {}
+    for k in _OMNI_KWARGS:
+        if k in inputs:
+            v = inputs[k].to(device)
+            out[k] = v.to(dtype) if dtype is not None and v.is_floating_point() else v
+    return out
+
+
+def _hf_omni(model, inputs):
+    """transformers' forward; for video (which its 5.23 forward cannot run) the same steps by hand.
+    Placeholder counts the encoders decide (video, audio) are written into `inputs["input_ids"]`."""
+    import torch
+
+    device, dtype = _device_of(model), next(model.parameters()).dtype
+    kwargs = _omni_kwargs(inputs, device, dtype)
+    ids = inputs["input_ids"].to(device)
+    with torch.no_grad():
+        if "pixel_values_videos" in kwargs:
+            video = model.get_video_features(kwargs["pixel_values_videos"]).pooler_output
+            video = video.reshape(-1, video.shape[-1])
+            ids[0, 1:1 + video.shape[0]] = inputs["image_token"]
+            embeds = model.get_input_embeddings()(ids)
+            embeds = embeds.masked_scatter((ids == inputs["image_token"]).unsqueeze(-1).expand_as(embeds),
+                                           video.to(embeds.dtype))
+            logits = model.language_model(inputs_embeds=embeds, use_cache=False).logits
+        else:
+            if "input_features" in kwargs:
+                n = model.get_audio_features(kwargs["input_features"], kwargs["input_features_mask"]).pooler_output.shape[0]
+                ids[0, 1:1 + n] = inputs["audio_token"]
+            logits = model(input_ids=ids, use_cache=False, **kwargs).logits
+    inputs["input_ids"] = ids.cpu()
+    return logits.float().cpu()
+
+
+def _megatron_omni(model, inputs):
+    import torch
+
+    device = _device_of(model)
+    with torch.no_grad():
+        return model(inputs["input_ids"].to(device), **_omni_kwargs(inputs, device)).float().cpu()
+
+
+def _omni_probe(modality: str, what: str) -> Probe:
+    return Probe(modality, lambda i: what, _omni_inputs(modality), _hf_omni, _megatron_omni)
+
+
 # model kind (conversion.hf_config.HFModelConfig.kind) -> its modalities, in table order.
 PROBES: Dict[str, List[Probe]] = {
     "nemotron_h": [TEXT],
+    "nemotron_omni": [_omni_probe("text", "random token ids"),
+                      _omni_probe("image", "one 4x4-patch image"),
+                      _omni_probe("video", "3 frames of 4x4 patches"),
+                      _omni_probe("audio", "one clip of 40 mel frames")],
 }
 
 
@@ -98,10 +185,13 @@ def _load_hf_model(hf_path: Path, kind: str, dtype, device, quiet: bool = True):
         transformers.utils.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()
 
-    if kind != "nemotron_h":
-        raise ConversionError(f"{hf_path}: bridge-verify has no probes for model kind {kind!r} yet")
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(hf_path), dtype=dtype)
+        if kind == "nemotron_omni":
+            from transformers import NemotronH_Omni_Reasoning_V3
+
+            model = NemotronH_Omni_Reasoning_V3.from_pretrained(str(hf_path), dtype=dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(str(hf_path), dtype=dtype)
     except Exception as e:  # noqa: BLE001 - transformers' own message, in one line
         raise ConversionError(f"{hf_path}: transformers cannot load the model ({type(e).__name__}: {e})") from None
     return model.to(device).eval()
@@ -148,7 +238,7 @@ def _verify(args: argparse.Namespace) -> int:
     dtype_label = dtype_name(dtype)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     probes = PROBES[cfg.kind]
-    inputs = {p.modality: p.make_inputs(cfg.text, args) for p in probes}
+    inputs = {p.modality: p.make_inputs(cfg, args) for p in probes}
 
     hf_model = _load_hf_model(Path(args.hf_path), cfg.kind, dtype, device, quiet=not args.debug)
     reference = {p.modality: p.hf_logits(hf_model, inputs[p.modality]) for p in probes}

@@ -56,3 +56,30 @@ def test_bad_input_is_one_line(tmp_path):
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "missing" in lines[0] and "does not exist" in lines[0]
+
+
+def test_omni_every_modality_and_a_swapped_vision_tensor(tmp_path):
+    """Omni: text, image, video and audio rows; swapping two RADIO blocks' MLPs fails image and video only."""
+    from safetensors.torch import load_file, save_file
+
+    from bridge.tiny_models import build_hf_omni_model
+
+    hf = save_hf_model(build_hf_omni_model(seed=6), tmp_path / "hf")
+    mc = tmp_path / "mcore"
+    assert run_cli("convert-hf-to-mcore", "--hf-path", hf, "--output", mc).returncode == 0
+    swapped = copy_dir(hf, tmp_path / "hf_swapped")
+    tensors = load_file(str(swapped / "model.safetensors"))
+    a, b = (f"vision_model.radio_model.model.blocks.{i}.mlp.fc1.weight" for i in (0, 1))
+    tensors[a], tensors[b] = tensors[b], tensors[a]
+    save_file(tensors, str(swapped / "model.safetensors"), metadata={"format": "pt"})
+    with ThreadPoolExecutor(2) as pool:
+        good, bad = pool.map(lambda h: run_cli("bridge-verify", "--hf-path", h, "--mcore-path", mc), (hf, swapped))
+    print(good.stdout, bad.stdout)
+    assert good.returncode == 0, good.stderr[-3000:]
+    results = {line.split()[0]: line.split()[-1] for line in good.stdout.splitlines()
+               if line.split() and line.split()[0] in ("text", "image", "video", "audio")}
+    assert results == {"text": "ok", "image": "ok", "video": "ok", "audio": "ok"}
+    assert bad.returncode == 3
+    results = {line.split()[0]: line.split()[-1] for line in bad.stdout.splitlines()
+               if line.split() and line.split()[0] in ("text", "image", "video", "audio")}
+    assert results == {"text": "ok", "image": "FAIL", "video": "FAIL", "audio": "ok"}
