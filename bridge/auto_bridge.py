@@ -88,8 +88,7 @@ class AutoBridge:
         return rules
 
     def omni_fields(self) -> Dict[str, Any]:
-        defaults = {"vision_num_layers": 32}
-        return {**defaults, **omni.omni_provider_fields(self.config.raw, self.config.scheme, "config.json")}
+        return omni.omni_provider_fields(self.config.raw, self.config.scheme, "config.json")
 
     def _has_weights(self) -> bool:
         return self._manifest is not None or (self.hf_dir is not None and any(self.hf_dir.glob("*.safetensors")))

@@ -113,6 +113,7 @@ def omni_provider_fields(raw: Dict[str, Any], scheme: str, where: str) -> Dict[s
     for field, expected in VISION_SUPPORTED:
         if field in vision and vision[field] != expected:
             raise ConversionError(f"{where}: vision_config.{field} = {vision[field]!r} is not supported (expected {expected!r})")
+    fields["vision_num_layers"] = 32  # transformers' RadioConfig default, unless the config says
     for hf_name, provider_name in VISION_FIELDS:
         if vision.get(hf_name) is not None:
             fields[provider_name] = vision[hf_name]

@@ -46,13 +46,15 @@ def _derived(base, **overrides):
     return cfg
 
 
-# Settings of a module that lives on the first pipeline stage only and is not a hybrid model.
-_FIRST_STAGE_ONLY = dict(pipeline_model_parallel_size=1, virtual_pipeline_model_parallel_size=None,
-                         num_layers_in_first_pipeline_stage=None, num_layers_in_last_pipeline_stage=None,
-                         is_hybrid_model=False, num_moe_experts=None, moe_shared_expert_intermediate_size=None,
-                         moe_router_topk_scaling_factor=None, moe_ffn_hidden_size=None,
-                         first_last_layers_bf16=False, sequence_parallel=False,
-                         expert_model_parallel_size=1)  # no experts (megatron rejects EP > 1 without them)
+# An encoder / projection config derived from the language model's: no Mamba pattern, no experts
+# (megatron rejects EP > 1 without them), no sequence parallel (the merge happens on the full sequence).
+_ENCODER = dict(is_hybrid_model=False, hybrid_override_pattern=None, num_moe_experts=None,
+                moe_shared_expert_intermediate_size=None, moe_router_topk_scaling_factor=None,
+                moe_ffn_hidden_size=None, first_last_layers_bf16=False, sequence_parallel=False,
+                expert_model_parallel_size=1)
+# ... and pinned to the first pipeline stage (the Omni provider: its LM trains with PP > 1).
+_FIRST_STAGE = dict(pipeline_model_parallel_size=1, virtual_pipeline_model_parallel_size=None,
+                    num_layers_in_first_pipeline_stage=None, num_layers_in_last_pipeline_stage=None)
 
 
 @dataclass
@@ -114,27 +116,32 @@ class NemotronVLModelProvider(NemotronHModelProvider, abc.ABC):
     # (RADIO summary_idxs, input-conditioner mean/std, layer scales): name -> {shape, dtype}.
     carried_tensors: Optional[dict] = None
 
+    # Overrides every encoder / projection config gets (a class attribute, not a field). The VL base
+    # keeps the language model's pipeline settings (the dense VL recipe runs PP=1).
+    _encoder_overrides = _ENCODER
+
     def _build_vision_config(self, language_cfg) -> TransformerConfig:
         """RADIO ViT-H: pre-LayerNorm blocks with biases, GELU MLP, bidirectional attention."""
         return _derived(
-            language_cfg, **_FIRST_STAGE_ONLY, num_layers=self.vision_num_layers,
+            language_cfg, **self._encoder_overrides, num_layers=self.vision_num_layers,
             hidden_size=self.vision_hidden_size, num_attention_heads=self.vision_num_attention_heads,
             num_query_groups=self.vision_num_attention_heads,
             kv_channels=self.vision_hidden_size // self.vision_num_attention_heads,
             ffn_hidden_size=self.vision_ffn_hidden_size, normalization="LayerNorm",
             layernorm_epsilon=self.vision_layernorm_epsilon, add_bias_linear=True, add_qkv_bias=True,
             gated_linear_unit=False, activation_func=F.gelu, bias_activation_fusion=False,
-            hybrid_override_pattern=None,
+        )
+
+    def _projection_config(self, language_cfg, ffn_hidden_size: int) -> TransformerConfig:
+        """RMSNorm -> linear -> squared ReLU -> linear (the transformers reference computes relu2)."""
+        return _derived(
+            language_cfg, **self._encoder_overrides, num_layers=1, ffn_hidden_size=ffn_hidden_size,
+            normalization="RMSNorm", layernorm_epsilon=self.projector_layernorm_epsilon,
+            add_bias_linear=False, gated_linear_unit=False, activation_func=squared_relu,
         )
 
     def _build_vision_projection_config(self, language_cfg) -> TransformerConfig:
-        """RMSNorm -> linear -> squared ReLU -> linear (the transformers reference computes relu2)."""
-        return _derived(
-            language_cfg, **_FIRST_STAGE_ONLY, num_layers=1, ffn_hidden_size=self.vision_proj_ffn_hidden_size,
-            normalization="RMSNorm", layernorm_epsilon=self.projector_layernorm_epsilon,
-            add_bias_linear=False, gated_linear_unit=False, activation_func=squared_relu,
-            hybrid_override_pattern=None,
-        )
+        return self._projection_config(language_cfg, self.vision_proj_ffn_hidden_size)
 
     def provide_language_model(self, pre_process=None, post_process=None, vp_stage=None):
         lm = copy.copy(self)
@@ -161,21 +168,13 @@ class NemotronOmniModelProvider(NemotronVLModelProvider):
     freeze_sound_projection: bool = False
     temporal_patch_dim: int = 1
     separate_video_embedder: bool = False
-    temporal_ckpt_compat: bool = False
+    temporal_ckpt_compat: bool = False  # Megatron-Bridge API field; no checkpoint here needs it (no effect)
 
-    def _build_vision_config(self, language_cfg) -> TransformerConfig:
-        return super()._build_vision_config(language_cfg)  # already pinned to PP=1 (first stage)
-
-    def _build_vision_projection_config(self, language_cfg) -> TransformerConfig:
-        return super()._build_vision_projection_config(language_cfg)
+    # _build_vision_config / _build_vision_projection_config (inherited) pin to the first stage.
+    _encoder_overrides = {**_ENCODER, **_FIRST_STAGE}
 
     def _build_sound_projection_config(self, language_cfg) -> TransformerConfig:
-        return _derived(
-            language_cfg, **_FIRST_STAGE_ONLY, num_layers=1, ffn_hidden_size=self.sound_projection_hidden_size,
-            normalization="RMSNorm", layernorm_epsilon=self.projector_layernorm_epsilon,
-            add_bias_linear=False, gated_linear_unit=False, activation_func=squared_relu,
-            hybrid_override_pattern=None,
-        )
+        return self._projection_config(language_cfg, self.sound_projection_hidden_size)
 
     def _build_sound_encoder(self, language_cfg):
         from providers.omni_model import SoundEncoder
