@@ -172,3 +172,64 @@ def load_audio(path: Path, asset_dirs) -> dict:
     if mask is None:
         mask = torch.ones(out["input_features"].shape[:2], dtype=torch.long)
     return dict(input_features=out["input_features"], input_features_mask=mask)
+
+
+# ---------------------------------------------------------------------------- training on CPU
+
+# megatron-core modules of the training path (DDP grad buffers, optimizer, grad clipping) that
+# allocate with `torch.cuda.current_device()` or a literal `device="cuda"`.
+_TRAINING_CUDA_MODULES = (
+    "megatron.core.distributed.param_and_grad_buffer",
+    "megatron.core.distributed.distributed_data_parallel",
+    "megatron.core.distributed.finalize_model_grads",
+    "megatron.core.optimizer.optimizer",
+    "megatron.core.optimizer.clip_grads",
+    "megatron.core.optimizer.grad_scaler",
+    "megatron.core.utils",  # local_multi_tensor_l2_norm (grad norm without apex / TE)
+)
+
+
+def apply_cpu_training_patches() -> None:
+    """On a machine without CUDA, point the `torch` of the training modules above at a proxy that
+    is `torch` except that `torch.cuda.current_device()` is the CPU and a literal `device="cuda"`
+    in `tensor`/`zeros`/`ones`/`empty`/`full` means the CPU (the same technique as
+    `providers/cpu_compat.py` patch 2 / 9, for the modules the bridge itself never runs). Does
+    nothing when CUDA is available."""
+    import importlib
+
+    if torch.cuda.is_available():
+        return
+    from providers import cpu_compat
+
+    cpu_compat.apply_cpu_patches()
+
+    class _TorchNoCuda(cpu_compat._CpuTorch):
+        pass
+
+    def _fix(fn):
+        def wrapped(*args, **kwargs):
+            device = kwargs.get("device")
+            if device is not None and torch.device(device).type == "cuda":
+                kwargs["device"] = torch.get_default_device()
+            return fn(*args, **kwargs)
+        return wrapped
+
+    proxy = _TorchNoCuda()
+    for name in ("tensor", "zeros", "ones", "empty", "full"):
+        setattr(proxy, name, _fix(getattr(torch, name)))
+    from megatron.core.optimizer import optimizer as megatron_optimizer
+
+    def clip_grad_by_total_norm_cpu(parameters, max_norm, total_norm, use_decoupled_grad=False):
+        """megatron's clip_grad_by_total_norm_fp32 without its `torch.cuda.FloatTensor` assert."""
+        attr = "decoupled_grad" if use_decoupled_grad else "grad"
+        grads = [getattr(p, attr).detach() for p in parameters if getattr(p, attr, None) is not None]
+        coeff = max_norm / (total_norm + 1.0e-6)
+        if coeff < 1.0 and grads:
+            torch._foreach_mul_(grads, coeff)
+
+    megatron_optimizer.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_cpu
+    for name in _TRAINING_CUDA_MODULES:
+        module = importlib.import_module(name)
+        current = getattr(module, "torch", None)
+        if current is torch or isinstance(current, cpu_compat._CpuTorch):  # the latter: cpu_compat's proxy
+            module.torch = proxy

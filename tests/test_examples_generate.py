@@ -66,7 +66,6 @@ def test_generate_matches_transformers(parallel_state, tmp_path):
         start("--mcore-path", tmp_path / "omni_mcore", "--prompt-ids", ",".join(map(str, PROMPT)),
               "--max-new-tokens", NEW, "--image", tmp_path / "image.npy", "--audio", tmp_path / "mel.pt"),
     ]
-    got = [finish(p) for p in procs]
 
     patches = pixels.reshape(3, 4, 4, 6, 4).permute(1, 3, 0, 2, 4).reshape(24, 48)
     mm_ids = [IMAGE_TOKEN] * 6 + [AUDIO_TOKEN] * 5 + PROMPT
@@ -76,6 +75,7 @@ def test_generate_matches_transformers(parallel_state, tmp_path):
         hf_generate(omni, mm_ids, pixel_values=patches, image_grid_hw=torch.tensor([[4, 6]]),
                     input_features=mel.unsqueeze(0), input_features_mask=torch.ones(1, 40, dtype=torch.long)),
     ]
+    got = [finish(p) for p in procs]  # the scripts ran while transformers generated
     for label, a, b in zip(("text (hf)", "omni text-only (hf)", "omni image+audio (mcore)"), got, expected):
         print(f"{label}: megatron {a} transformers {b}")
         assert a == b, label

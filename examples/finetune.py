@@ -1,0 +1,470 @@
+"""Supervised fine-tuning of Nemotron-Omni (or a NemotronH text model) from a Hugging Face checkpoint
+with megatron-core's own training machinery.
+
+    python examples/finetune.py --hf-path HF_DIR --synthetic --steps 30 --output ckpt [--export-hf hf_out]
+    torchrun --nproc-per-node 2 examples/finetune.py --hf-path HF_DIR --synthetic --tp 2 ...
+
+What runs is megatron-core's, end to end: the model is the bridge's megatron-core model filled with
+`AutoBridge.load_hf_weights`, wrapped in megatron-core's `DistributedDataParallel`; the optimizer is
+`get_megatron_optimizer` (Transformer Engine's / apex's fused Adam when installed, else
+`torch.optim.AdamW`, which is what megatron-core 0.16.1 itself falls back to); every step is one
+call of `get_forward_backward_func()` (no pipelining, 1F1B under `--pp`) with
+`finalize_model_grads` (data-parallel / sequence-parallel gradient reduction); checkpoints are
+megatron-core `dist_checkpointing` (model + optimizer) in Megatron-LM's directory convention:
+
+    OUTPUT/latest_checkpointed_iteration.txt   the last iteration saved (Megatron-LM's tracker)
+    OUTPUT/iter_0000030/                       dist_checkpointing files: "model", "optimizer", "iteration"
+    OUTPUT/bridge_meta.json, OUTPUT/hf_assets/ the bridge's files (so `AutoBridge.load_megatron_model`,
+                                               `convert-mcore-to-hf` and `generate.py --mcore-path` read it)
+
+`--resume` continues from OUTPUT's latest iteration (model and optimizer state) up to `--steps`.
+`--export-hf DIR` writes the trained model as an HF checkpoint (`AutoBridge.save_hf_pretrained`).
+
+Data:
+* `--synthetic`: a small random multimodal dataset (text, image, audio and image+audio samples with
+  the placeholder counts their features fill; `--synthetic-samples` of them, repeated), so the
+  example runs with no files. The loss is taken on the second half of each sequence (the "answer").
+* `--data FILE.jsonl`: one conversation per line, `{"messages": [{"role": "user", "content": "..."},
+  {"role": "assistant", "content": "..."}], "images": ["a.jpg"], "audios": ["a.wav"]}`, turned into
+  inputs by the checkpoint's transformers processor (`AutoProcessor`: its chat template, image
+  processor and feature extractor; the media placeholders `<image>` / `<so_embedding>` in the text
+  are expanded by it); loss on the last assistant turn. Needs the tokenizer / processor files in HF_DIR.
+
+Freezing: `--freeze-language-model`, `--freeze-vision-model`, `--freeze-vision-projection`,
+`--freeze-sound-encoder`, `--freeze-sound-projection` set the provider's fields of the same names
+(their parameters get `requires_grad=False`, so DDP and the optimizer never see them).
+
+One line per step is printed (by global rank 0): `step N loss X`, X = mean per-token loss of the
+global batch. On a machine without CUDA, the training modules' CUDA-only allocations are redirected
+to the CPU (`examples/_common.apply_cpu_training_patches`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import DTYPES, apply_cpu_training_patches, print0, quiet  # noqa: E402
+
+TRACKER = "latest_checkpointed_iteration.txt"
+FREEZABLE = ("language_model", "vision_model", "vision_projection", "sound_encoder", "sound_projection")
+
+
+def parse_args(argv=None, pretrain: bool = False):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    if not pretrain:
+        p.add_argument("--hf-path", required=True, help="Hugging Face checkpoint to fine-tune")
+        data = p.add_mutually_exclusive_group(required=True)
+        data.add_argument("--synthetic", action="store_true", help="random multimodal samples (no files)")
+        data.add_argument("--data", help="JSONL of conversations (needs the checkpoint's processor)")
+        p.add_argument("--synthetic-samples", type=int, default=4, help="distinct synthetic samples (repeated)")
+        for name in ("language-model", "vision-model", "vision-projection", "sound-encoder", "sound-projection"):
+            p.add_argument(f"--freeze-{name}", action="store_true")
+        p.add_argument("--export-hf", help="write the trained model as an HF checkpoint here")
+    p.add_argument("--output", help="Megatron checkpoint directory (saved at the end and every --save-interval)")
+    p.add_argument("--save-interval", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue from --output's latest iteration")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--min-lr", type=float, default=None, help="cosine decay to this (default: constant lr)")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--clip-grad", type=float, default=1.0)
+    p.add_argument("--micro-batch-size", type=int, default=1)
+    p.add_argument("--global-batch-size", type=int, default=4)
+    p.add_argument("--seq-length", type=int, default=64)
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--ep", type=int, default=1)
+    p.add_argument("--cp", type=int, default=1)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: the checkpoint's dtype")
+    p.add_argument("--seed", type=int, default=1234)
+    args = p.parse_args(argv)
+    if not args.output and (args.resume or args.save_interval):
+        p.error("--resume / --save-interval need --output")
+    return args
+
+
+# ---------------------------------------------------------------------------- parallel setup
+
+def init_parallel(args) -> Dict[str, int]:
+    from megatron.core import parallel_state as ps
+
+    from bridge.parallel import ensure_process_group, ensure_parallel_state
+
+    ensure_process_group()
+    world = dist.get_world_size()
+    if world % (args.tp * args.pp * args.cp):
+        raise SystemExit(f"error: world size {world} is not divisible by TP={args.tp} x PP={args.pp} x CP={args.cp}")
+    if not ps.model_parallel_is_initialized():
+        ps.initialize_model_parallel(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp,
+                                     context_parallel_size=args.cp, expert_model_parallel_size=args.ep)
+    ensure_parallel_state(seed=args.seed)  # RNG tracker (CPU patches without CUDA)
+    apply_cpu_training_patches()
+    dp = ps.get_data_parallel_world_size()
+    if args.global_batch_size % (args.micro_batch_size * dp):
+        raise SystemExit(f"error: --global-batch-size {args.global_batch_size} is not divisible by "
+                         f"--micro-batch-size {args.micro_batch_size} x data-parallel size {dp}")
+    return dict(dp=dp, dp_rank=ps.get_data_parallel_rank(),
+                num_microbatches=args.global_batch_size // (args.micro_batch_size * dp))
+
+
+def configure_provider(provider, args) -> None:
+    provider.tensor_model_parallel_size = args.tp
+    provider.pipeline_model_parallel_size = args.pp
+    provider.expert_model_parallel_size = args.ep
+    provider.context_parallel_size = args.cp
+    provider.expert_tensor_parallel_size = None
+    provider.seq_length = args.seq_length
+    if args.pp > 1:
+        provider.pipeline_dtype = provider.params_dtype
+    if args.tp > 1 and args.seq_length % args.tp:
+        raise SystemExit(f"error: --seq-length {args.seq_length} must be divisible by TP={args.tp} (sequence parallel)")
+
+
+def wrap_and_optimizer(chunks, args):
+    """megatron-core DDP around each chunk, `get_megatron_optimizer`, and the model-config hooks
+    the schedules call (as Megatron-LM's `setup_model_and_optimizer` / `train` set them)."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    config = chunks[0].config
+    for c in chunks:  # finalize_model_grads asks the outer model (as megatron's LLaVAModel has them)
+        lm = getattr(c, "language_model", None)
+        if lm is not None and not hasattr(c, "share_embeddings_and_output_weights"):
+            c.share_embeddings_and_output_weights = lm.share_embeddings_and_output_weights
+            c.shared_embedding_or_output_weight = lm.shared_embedding_or_output_weight
+    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                               use_distributed_optimizer=False)
+    ddp = [DistributedDataParallel(config, ddp_config, c) for c in chunks]
+    opt_config = OptimizerConfig(optimizer="adam", lr=args.lr, min_lr=args.min_lr or args.lr,
+                                 weight_decay=args.weight_decay, clip_grad=args.clip_grad,
+                                 bf16=config.params_dtype == torch.bfloat16, fp16=config.params_dtype == torch.float16,
+                                 params_dtype=config.params_dtype, adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8)
+    optimizer = get_megatron_optimizer(opt_config, ddp)
+    config.finalize_model_grads_func = finalize_model_grads
+    config.grad_scale_func = optimizer.scale_loss
+    config.no_sync_func = ddp[0].no_sync if len(ddp) == 1 else [m.no_sync for m in ddp]
+    return ddp, optimizer
+
+
+def lr_at(args, step: int) -> float:
+    if args.min_lr is None:
+        return args.lr
+    return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * min(step, args.steps) / args.steps))
+
+
+# ---------------------------------------------------------------------------- data
+
+def audio_token_count(frames: int, sound_config: dict) -> int:
+    """Sound-encoder output length of `frames` mel frames (Parakeet's conv subsampling)."""
+    from transformers import ParakeetEncoderConfig
+
+    cfg = ParakeetEncoderConfig(**{k: v for k, v in sound_config.items() if k != "model_type"})
+    k, s = cfg.subsampling_conv_kernel_size, cfg.subsampling_conv_stride
+    for _ in range(int(math.log2(cfg.subsampling_factor))):
+        frames = (frames + 2 * ((k - 1) // 2) - k) // s + 1
+    return frames
+
+
+def synthetic_samples(provider, vocab: int, args) -> List[dict]:
+    """Random samples of seq_length tokens: text, image, audio, image+audio (in turn). Placeholder
+    runs sit at the start; the loss covers the second half."""
+    omni = hasattr(provider, "vision_patch_dim")
+    g = torch.Generator().manual_seed(args.seed)
+    kinds = ["text"]
+    if omni:
+        kinds += ["image"] + (["audio", "image+audio"] if provider.has_sound else [])
+    samples = []
+    for i in range(args.synthetic_samples):
+        kind = kinds[i % len(kinds)]
+        tokens = torch.randint(10, vocab, (args.seq_length + 1,), generator=g)
+        sample, prefix = {}, []
+        if "image" in kind:
+            p, grid = provider.vision_patch_dim, (4, 4)  # 4x4 patches -> 4 tokens after the 2x2 pixel shuffle
+            sample["pixel_values"] = torch.randn(grid[0] * grid[1], 3 * p * p, generator=g)
+            sample["image_grid_hw"] = torch.tensor([grid])
+            prefix += [provider.image_token_index] * (grid[0] * grid[1] // round(1 / provider.downsample_ratio) ** 2)
+        if "audio" in kind:
+            mel = provider.sound_config.get("num_mel_bins", 80)
+            frames = 40
+            sample["input_features"] = torch.randn(1, frames, mel, generator=g)
+            sample["input_features_mask"] = torch.ones(1, frames, dtype=torch.long)
+            prefix += [provider.sound_context_token_id] * audio_token_count(frames, provider.sound_config)
+        if len(prefix) >= args.seq_length // 2:
+            raise SystemExit(f"error: --seq-length {args.seq_length} is too short for {len(prefix)} media tokens")
+        tokens[1:1 + len(prefix)] = torch.tensor(prefix, dtype=torch.long)
+        loss_mask = torch.zeros(args.seq_length)
+        loss_mask[args.seq_length // 2:] = 1
+        samples.append(dict(tokens=tokens[:-1], labels=tokens[1:], loss_mask=loss_mask, **sample))
+    return samples
+
+
+def jsonl_samples(path: str, hf_path: str, args) -> List[dict]:
+    """Conversations -> samples with the checkpoint's processor (see the module docstring)."""
+    from transformers import AutoProcessor, AutoTokenizer
+
+    records = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    media = any(r.get("images") or r.get("audios") for r in records)
+    proc = AutoProcessor.from_pretrained(hf_path) if media else AutoTokenizer.from_pretrained(hf_path)
+    tok = getattr(proc, "tokenizer", proc)
+
+    def render(messages, generation_prompt):
+        if getattr(tok, "chat_template", None):
+            return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
+        return text + ("assistant: " if generation_prompt else "")
+
+    def encode(text, record):
+        kwargs = {}
+        if record.get("images"):
+            from PIL import Image
+
+            kwargs["images"] = [Image.open(p).convert("RGB") for p in record["images"]]
+        if record.get("audios"):
+            kwargs["audio"] = list(record["audios"])
+        if kwargs:
+            return proc(text=text, return_tensors="pt", **kwargs)
+        return tok(text, return_tensors="pt", add_special_tokens=False)
+
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    samples = []
+    for record in records:
+        messages = record["messages"]
+        full = encode(render(messages, False), record)
+        prompt_len = encode(render(messages[:-1], True), record)["input_ids"].shape[1]
+        ids = full["input_ids"][0]
+        n = min(ids.shape[0], args.seq_length + 1)
+        tokens = torch.full((args.seq_length + 1,), pad, dtype=torch.long)
+        tokens[:n] = ids[:n]
+        loss_mask = torch.zeros(args.seq_length)
+        loss_mask[max(prompt_len - 1, 0):n - 1] = 1
+        sample = dict(tokens=tokens[:-1], labels=tokens[1:], loss_mask=loss_mask)
+        for key in ("pixel_values", "image_grid_hw", "input_features", "input_features_mask"):
+            if key in full:
+                sample[key] = full[key]
+        if n < ids.shape[0] and len(sample) > 3:
+            raise SystemExit(f"error: {path}: a sample with media is longer than --seq-length {args.seq_length}; "
+                             "truncating it would cut placeholder tokens")
+        samples.append(sample)
+    return samples
+
+
+def collate(samples: List[dict]) -> dict:
+    batch = {k: torch.stack([s[k] for s in samples]) for k in ("tokens", "labels", "loss_mask")}
+    images = [s for s in samples if "pixel_values" in s]
+    if images:
+        batch["pixel_values"] = torch.cat([s["pixel_values"] for s in images])
+        batch["image_grid_hw"] = torch.cat([s["image_grid_hw"] for s in images])
+    clips = [s for s in samples if "input_features" in s]
+    if clips:
+        frames = max(s["input_features"].shape[1] for s in clips)
+        feats, masks = [], []
+        for s in clips:
+            pad = frames - s["input_features"].shape[1]
+            feats.append(torch.nn.functional.pad(s["input_features"], (0, 0, 0, pad)))
+            masks.append(torch.nn.functional.pad(s["input_features_mask"], (0, pad)))
+        batch["input_features"], batch["input_features_mask"] = torch.cat(feats), torch.cat(masks)
+    return batch
+
+
+def step_batches(samples: List[dict], step: int, args, layout) -> List[dict]:
+    """The micro-batches of this data-parallel rank for one global batch (samples repeat cyclically)."""
+    per_rank = args.micro_batch_size * layout["num_microbatches"]
+    start = step * args.global_batch_size + layout["dp_rank"] * per_rank
+    picked = [samples[(start + i) % len(samples)] for i in range(per_rank)]
+    return [collate(picked[i:i + args.micro_batch_size]) for i in range(0, per_rank, args.micro_batch_size)]
+
+
+# ---------------------------------------------------------------------------- training step
+
+def forward_step(data_iterator, model):
+    """Megatron-LM's forward step: per-token losses from the model, masked mean in the loss func."""
+    batch = next(data_iterator)
+    extra = {k: v for k, v in batch.items() if k not in ("tokens", "labels", "loss_mask")}
+    output = model(batch["tokens"], None, None, labels=batch["labels"], **extra)
+    loss_mask = batch["loss_mask"]
+
+    def loss_func(output_tensor):
+        losses = output_tensor.float().reshape(-1)
+        mask = loss_mask.reshape(-1).float()
+        loss = torch.sum(losses * mask)
+        num_tokens = mask.sum().to(torch.int)
+        return loss, num_tokens, {"lm loss": torch.stack([loss.detach(), mask.sum()])}
+
+    return output, loss_func
+
+
+def train_step(model, optimizer, batches, args, lr: float) -> float:
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    for m in model:
+        m.zero_grad_buffer()
+    optimizer.zero_grad()
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    reduced = get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iter(batches), model=model, num_microbatches=len(batches),
+        seq_length=args.seq_length, micro_batch_size=args.micro_batch_size, forward_only=False)
+    ok, grad_norm, _ = optimizer.step()
+    if not ok:
+        raise RuntimeError("optimizer step skipped (non-finite gradients)")
+    total = torch.zeros(2)
+    if ps.is_pipeline_last_stage(ignore_virtual=True):
+        for r in reduced:
+            total += r["lm loss"].float()
+        dist.all_reduce(total, group=ps.get_data_parallel_group(with_context_parallel=True))
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        dist.broadcast(total, src=ps.get_pipeline_model_parallel_last_rank(),
+                       group=ps.get_pipeline_model_parallel_group())
+    return (total[0] / total[1].clamp(min=1)).item()
+
+
+# ---------------------------------------------------------------------------- checkpoints
+
+def _state(chunks, optimizer, iteration, loading=False):
+    from bridge.weights import model_chunks
+
+    inner = model_chunks(chunks)
+    state = {"checkpoint_version": 3.0, "iteration": iteration}
+    model_state = {}
+    if len(inner) == 1:
+        state["model"] = model_state = inner[0].sharded_state_dict()
+    else:
+        for i, c in enumerate(inner):
+            state[f"model{i}"] = c.sharded_state_dict()
+            model_state.update(state[f"model{i}"])
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(model_state, is_loading=loading)
+    return state
+
+
+def save_checkpoint(bridge, chunks, optimizer, iteration: int, output: Path, layout: dict) -> None:
+    """Megatron-LM layout: OUTPUT/iter_NNNNNNN (dist_checkpointing) + tracker; bridge_meta.json."""
+    from megatron.core import dist_checkpointing
+
+    from bridge import checkpoint
+    from bridge.auto_bridge import _is_weight_file
+    from bridge.weights import model_chunks
+    from conversion.safetensors_io import dtype_name
+
+    rank = dist.get_rank()
+    sub = output / f"iter_{iteration:07d}"
+    if rank == 0:
+        sub.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    dist_checkpointing.save(_state(chunks, optimizer, iteration), str(sub))
+    dist.barrier()
+    if rank == 0:
+        lm = bridge._language_model(model_chunks(chunks)[0])
+        meta = {"format": checkpoint.META_FORMAT, "hf_config": bridge.config.raw,
+                "provider_fields": bridge.provider_fields(), "params_dtype": dtype_name(lm.config.params_dtype),
+                "padded_vocab_size": lm.vocab_size, "hf_manifest": bridge.manifest, "layout": layout}
+        (output / checkpoint.META_NAME).write_text(json.dumps(meta, indent=1) + "\n")
+        assets = output / checkpoint.ASSETS_DIR
+        if not assets.exists() and bridge.assets_dir is not None:
+            assets.mkdir()
+            for src in sorted(Path(bridge.assets_dir).rglob("*")):
+                if src.is_file() and not _is_weight_file(src.name) and src.name != "config.json":
+                    (assets / src.relative_to(bridge.assets_dir)).parent.mkdir(parents=True, exist_ok=True)
+                    (assets / src.relative_to(bridge.assets_dir)).write_bytes(src.read_bytes())
+        (output / (TRACKER + ".tmp")).write_text(str(iteration))
+        (output / (TRACKER + ".tmp")).replace(output / TRACKER)  # the tracker moves last
+    dist.barrier()
+
+
+def load_checkpoint(chunks, optimizer, output: Path) -> int:
+    from megatron.core import dist_checkpointing
+
+    from bridge.weights import model_chunks
+
+    iteration = int((output / TRACKER).read_text().strip())
+    loaded = dist_checkpointing.load(_state(chunks, optimizer, iteration, loading=True),
+                                     str(output / f"iter_{iteration:07d}"))
+    inner = model_chunks(chunks)
+    for i, c in enumerate(inner):
+        c.load_state_dict(loaded["model" if len(inner) == 1 else f"model{i}"], strict=True)
+    optimizer.load_state_dict(loaded["optimizer"])
+    return iteration
+
+
+# ---------------------------------------------------------------------------- main
+
+def train(args, bridge, provider, samples, layout) -> int:
+    """Build, (resume,) train, save. Shared with pretrain.py (bridge may be None there)."""
+    from megatron.core import parallel_state as ps
+
+    from bridge.parallel import build_model
+
+    chunks = build_model(provider)
+    if bridge is not None and not args.resume_found:
+        bridge.load_hf_weights(chunks)
+    model, optimizer = wrap_and_optimizer(chunks, args)
+    for m in model:
+        m.train()
+    for c in chunks:  # frozen towers also stay in eval mode (e.g. Parakeet's batch-norm statistics)
+        for name in FREEZABLE:
+            module = getattr(c, name, None)
+            if getattr(c.config, f"freeze_{name}", False) or getattr(args, f"freeze_{name}", False):
+                if module is not None:
+                    module.eval()
+    start = 0
+    output = Path(args.output) if args.output else None
+    if args.resume_found:
+        start = load_checkpoint(chunks, optimizer, output)
+        print0(f"resumed from {output} at iteration {start}")
+    sizes = dict(tp=args.tp, pp=args.pp, ep=args.ep, cp=args.cp, dp=layout["dp"])
+    print0(f"layout {sizes}, {layout['num_microbatches']} micro-batches of {args.micro_batch_size} per step, "
+           f"{sum(p.numel() for c in chunks for p in c.parameters() if p.requires_grad)} trainable parameters "
+           f"on rank 0, optimizer {type(optimizer.chained_optimizers[0].optimizer).__name__ if hasattr(optimizer, 'chained_optimizers') else type(optimizer).__name__}")
+    t0 = time.time()
+    for step in range(start, args.steps):
+        loss = train_step(model, optimizer, step_batches(samples, step, args, layout), args, lr_at(args, step))
+        print0(f"step {step + 1} loss {loss:.4f}")
+        if output and args.save_interval and (step + 1) % args.save_interval == 0 and step + 1 < args.steps:
+            save_checkpoint(bridge, chunks, optimizer, step + 1, output, sizes)
+    print0(f"{args.steps - start} steps in {time.time() - t0:.1f}s")
+    if output and args.steps > start:
+        save_checkpoint(bridge, chunks, optimizer, args.steps, output, sizes)
+        print0(f"saved {output}/iter_{args.steps:07d}")
+    if getattr(args, "export_hf", None):
+        bridge.save_hf_pretrained(chunks, args.export_hf)
+        print0(f"exported {args.export_hf}")
+    dist.barrier()
+    ps.destroy_model_parallel()
+    return 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    quiet()
+    layout = init_parallel(args)
+    from bridge import AutoBridge
+
+    torch.manual_seed(args.seed)
+    bridge = AutoBridge.from_hf_pretrained(args.hf_path)
+    provider = bridge.to_megatron_provider(DTYPES[args.dtype] if args.dtype else None)
+    provider.perform_initialization = False  # every weight comes from the checkpoint
+    configure_provider(provider, args)
+    for name in FREEZABLE:
+        if getattr(args, f"freeze_{name}"):
+            if not hasattr(provider, f"freeze_{name}"):
+                raise SystemExit(f"error: --freeze-{name.replace('_', '-')} needs a Nemotron-Omni checkpoint")
+            setattr(provider, f"freeze_{name}", True)
+    vocab = bridge.config.text["vocab_size"]
+    samples = synthetic_samples(provider, vocab, args) if args.synthetic else jsonl_samples(args.data, args.hf_path, args)
+    args.resume_found = bool(args.resume and (Path(args.output) / TRACKER).is_file())
+    return train(args, bridge, provider, samples, layout)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
