@@ -59,17 +59,8 @@ TRACKER = "latest_checkpointed_iteration.txt"
 FREEZABLE = ("language_model", "vision_model", "vision_projection", "sound_encoder", "sound_projection")
 
 
-def parse_args(argv=None, pretrain: bool = False):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    if not pretrain:
-        p.add_argument("--hf-path", required=True, help="Hugging Face checkpoint to fine-tune")
-        data = p.add_mutually_exclusive_group(required=True)
-        data.add_argument("--synthetic", action="store_true", help="random multimodal samples (no files)")
-        data.add_argument("--data", help="JSONL of conversations (needs the checkpoint's processor)")
-        p.add_argument("--synthetic-samples", type=int, default=4, help="distinct synthetic samples (repeated)")
-        for name in ("language-model", "vision-model", "vision-projection", "sound-encoder", "sound-projection"):
-            p.add_argument(f"--freeze-{name}", action="store_true")
-        p.add_argument("--export-hf", help="write the trained model as an HF checkpoint here")
+def add_training_args(p: argparse.ArgumentParser) -> None:
+    """Flags shared with pretrain.py: schedule, batch, layout, checkpointing."""
     p.add_argument("--output", help="Megatron checkpoint directory (saved at the end and every --save-interval)")
     p.add_argument("--save-interval", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from --output's latest iteration")
@@ -87,9 +78,26 @@ def parse_args(argv=None, pretrain: bool = False):
     p.add_argument("--cp", type=int, default=1)
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: the checkpoint's dtype")
     p.add_argument("--seed", type=int, default=1234)
-    args = p.parse_args(argv)
+
+
+def check_training_args(p, args) -> None:
     if not args.output and (args.resume or args.save_interval):
         p.error("--resume / --save-interval need --output")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--hf-path", required=True, help="Hugging Face checkpoint to fine-tune")
+    data = p.add_mutually_exclusive_group(required=True)
+    data.add_argument("--synthetic", action="store_true", help="random multimodal samples (no files)")
+    data.add_argument("--data", help="JSONL of conversations (needs the checkpoint's processor)")
+    p.add_argument("--synthetic-samples", type=int, default=4, help="distinct synthetic samples (repeated)")
+    for name in ("language-model", "vision-model", "vision-projection", "sound-encoder", "sound-projection"):
+        p.add_argument(f"--freeze-{name}", action="store_true")
+    p.add_argument("--export-hf", help="write the trained model as an HF checkpoint here")
+    add_training_args(p)
+    args = p.parse_args(argv)
+    check_training_args(p, args)
     return args
 
 
@@ -101,6 +109,9 @@ def init_parallel(args) -> Dict[str, int]:
     from bridge.parallel import ensure_process_group, ensure_parallel_state
 
     ensure_process_group()
+    if args.cp > 1 and not torch.cuda.is_available():
+        raise SystemExit("error: --cp > 1 needs Transformer Engine's attention (GPU): megatron-core 0.16.1's local "
+                         "DotProductAttention, the one the CPU build uses, asserts context_parallel_size == 1")
     world = dist.get_world_size()
     if world % (args.tp * args.pp * args.cp):
         raise SystemExit(f"error: world size {world} is not divisible by TP={args.tp} x PP={args.pp} x CP={args.cp}")
@@ -288,8 +299,14 @@ def step_batches(samples: List[dict], step: int, args, layout) -> List[dict]:
 
 def forward_step(data_iterator, model):
     """Megatron-LM's forward step: per-token losses from the model, masked mean in the loss func."""
+    from megatron.core import parallel_state as ps
+
     batch = next(data_iterator)
     extra = {k: v for k, v in batch.items() if k not in ("tokens", "labels", "loss_mask")}
+    if ps.get_context_parallel_world_size() > 1:  # text only (see main): this rank's sequence chunks
+        from megatron.core.utils import get_batch_on_this_cp_rank
+
+        batch = get_batch_on_this_cp_rank(dict(batch))
     output = model(batch["tokens"], None, None, labels=batch["labels"], **extra)
     loss_mask = batch["loss_mask"]
 
@@ -364,7 +381,7 @@ def save_checkpoint(bridge, chunks, optimizer, iteration: int, output: Path, lay
     dist.barrier()
     dist_checkpointing.save(_state(chunks, optimizer, iteration), str(sub))
     dist.barrier()
-    if rank == 0:
+    if rank == 0 and bridge is not None:
         lm = bridge._language_model(model_chunks(chunks)[0])
         meta = {"format": checkpoint.META_FORMAT, "hf_config": bridge.config.raw,
                 "provider_fields": bridge.provider_fields(), "params_dtype": dtype_name(lm.config.params_dtype),
@@ -377,6 +394,7 @@ def save_checkpoint(bridge, chunks, optimizer, iteration: int, output: Path, lay
                 if src.is_file() and not _is_weight_file(src.name) and src.name != "config.json":
                     (assets / src.relative_to(bridge.assets_dir)).parent.mkdir(parents=True, exist_ok=True)
                     (assets / src.relative_to(bridge.assets_dir)).write_bytes(src.read_bytes())
+    if rank == 0:
         (output / (TRACKER + ".tmp")).write_text(str(iteration))
         (output / (TRACKER + ".tmp")).replace(output / TRACKER)  # the tracker moves last
     dist.barrier()
@@ -460,6 +478,10 @@ def main(argv=None) -> int:
             if not hasattr(provider, f"freeze_{name}"):
                 raise SystemExit(f"error: --freeze-{name.replace('_', '-')} needs a Nemotron-Omni checkpoint")
             setattr(provider, f"freeze_{name}", True)
+    if args.cp > 1 and bridge.config.kind != "nemotron_h":
+        raise SystemExit("error: --cp > 1 is not supported for the Omni model: its forward merges image/audio "
+                         "embeddings into the full sequence but does not yet split the result across "
+                         "context-parallel ranks (providers/omni_model.py)")
     vocab = bridge.config.text["vocab_size"]
     samples = synthetic_samples(provider, vocab, args) if args.synthetic else jsonl_samples(args.data, args.hf_path, args)
     args.resume_found = bool(args.resume and (Path(args.output) / TRACKER).is_file())
