@@ -76,6 +76,7 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pp", type=int, default=1)
     p.add_argument("--ep", type=int, default=1)
     p.add_argument("--cp", type=int, default=1)
+    p.add_argument("--etp", type=int, default=None, help="expert tensor parallel size (default: --tp, as megatron)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: the checkpoint's dtype")
     p.add_argument("--seed", type=int, default=1234)
 
@@ -117,7 +118,8 @@ def init_parallel(args) -> Dict[str, int]:
         raise SystemExit(f"error: world size {world} is not divisible by TP={args.tp} x PP={args.pp} x CP={args.cp}")
     if not ps.model_parallel_is_initialized():
         ps.initialize_model_parallel(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp,
-                                     context_parallel_size=args.cp, expert_model_parallel_size=args.ep)
+                                     context_parallel_size=args.cp, expert_model_parallel_size=args.ep,
+                                     expert_tensor_parallel_size=args.etp)
     ensure_parallel_state(seed=args.seed)  # RNG tracker (CPU patches without CUDA)
     apply_cpu_training_patches()
     dp = ps.get_data_parallel_world_size()
@@ -133,7 +135,7 @@ def configure_provider(provider, args) -> None:
     provider.pipeline_model_parallel_size = args.pp
     provider.expert_model_parallel_size = args.ep
     provider.context_parallel_size = args.cp
-    provider.expert_tensor_parallel_size = None
+    provider.expert_tensor_parallel_size = args.etp
     provider.seq_length = args.seq_length
     if args.pp > 1:
         provider.pipeline_dtype = provider.params_dtype
@@ -440,7 +442,7 @@ def train(args, bridge, provider, samples, layout) -> int:
     if args.resume_found:
         start = load_checkpoint(chunks, optimizer, output)
         print0(f"resumed from {output} at iteration {start}")
-    sizes = dict(tp=args.tp, pp=args.pp, ep=args.ep, cp=args.cp, dp=layout["dp"])
+    sizes = dict(tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp or args.tp, cp=args.cp, dp=layout["dp"])
     print0(f"layout {sizes}, {layout['num_microbatches']} micro-batches of {args.micro_batch_size} per step, "
            f"{sum(p.numel() for c in chunks for p in c.parameters() if p.requires_grad)} trainable parameters "
            f"on rank 0, optimizer {type(optimizer.chained_optimizers[0].optimizer).__name__ if hasattr(optimizer, 'chained_optimizers') else type(optimizer).__name__}")

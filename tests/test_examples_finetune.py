@@ -121,3 +121,29 @@ def test_torchrun_layouts_give_the_single_process_losses(trained, layout):
     assert sorted(got) == [1, 2, 3]
     for step in (1, 2, 3):
         assert abs(got[step] - loss[step]) < 1e-3, (layout, step, got[step], loss[step])
+
+
+def test_jsonl_reader_text_only_with_a_word_level_tokenizer(tmp_path):
+    """The JSONL reader in-process, text-only (no image processor / Pillow here): a word-level
+    tokenizer built offline with `tokenizers`; the loss covers exactly the assistant's answer."""
+    import json
+    from types import SimpleNamespace
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<unk>", "user:", "assistant:", "what", "is", "two", "plus", "four", "six", "\n"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>").save_pretrained(str(tmp_path))
+    data = tmp_path / "train.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "what is two plus four"},
+                                             {"role": "assistant", "content": "six"}]}) + "\n")
+    sys.path.insert(0, str(REPO / "examples"))
+    import finetune
+
+    (sample,) = finetune.jsonl_samples(str(data), str(tmp_path), SimpleNamespace(seq_length=12))
+    # "user: what is two plus four assistant: six" -> ids 2 4 5 6 7 8 3 9, padded with 0
+    assert sample["tokens"].tolist() == [2, 4, 5, 6, 7, 8, 3, 9, 0, 0, 0, 0]
+    assert sample["labels"].tolist() == [4, 5, 6, 7, 8, 3, 9, 0, 0, 0, 0, 0]
+    assert [int(t) for t, m in zip(sample["labels"], sample["loss_mask"]) if m] == [9]
