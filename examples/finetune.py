@@ -36,7 +36,7 @@ Freezing: `--freeze-language-model`, `--freeze-vision-model`, `--freeze-vision-p
 
 One line per step is printed (by global rank 0): `step N loss X`, X = mean per-token loss of the
 global batch. On a machine without CUDA, the training modules' CUDA-only allocations are redirected
-to the CPU (`examples/_common.apply_cpu_training_patches`).
+to the CPU (`providers.cpu_compat.apply_cpu_training_patches`).
 """
 
 from __future__ import annotations
@@ -53,7 +53,8 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DTYPES, apply_cpu_training_patches, print0, quiet  # noqa: E402
+from _common import DTYPES, print0, quiet  # noqa: E402
+from providers.cpu_compat import apply_cpu_training_patches  # noqa: E402
 
 TRACKER = "latest_checkpointed_iteration.txt"
 FREEZABLE = ("language_model", "vision_model", "vision_projection", "sound_encoder", "sound_projection")
@@ -150,11 +151,6 @@ def wrap_and_optimizer(chunks, args):
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     config = chunks[0].config
-    for c in chunks:  # finalize_model_grads asks the outer model (as megatron's LLaVAModel has them)
-        lm = getattr(c, "language_model", None)
-        if lm is not None and not hasattr(c, "share_embeddings_and_output_weights"):
-            c.share_embeddings_and_output_weights = lm.share_embeddings_and_output_weights
-            c.shared_embedding_or_output_weight = lm.shared_embedding_or_output_weight
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
                                                use_distributed_optimizer=False)
     ddp = [DistributedDataParallel(config, ddp_config, c) for c in chunks]

@@ -75,9 +75,13 @@ Patches (each is applied only when CUDA is unavailable, and each is as narrow as
    ``get_forward_backward_func()`` runs forward-only (and forward-backward) pipeline schedules over
    gloo (checked with PP=2, and PP=2 x 2 virtual stages, in ``tests/test_parallel_layouts.py``).
 
-Not covered (not needed to build / run forward and backward): dist-checkpoint *saving* on CPU
-(``dist_checkpointing.strategies.filesystem_async`` calls ``torch.cuda.synchronize()`` and needs
-``psutil``), ``moe_utils.track_moe_metrics`` (training-loop logging, literal ``device="cuda"``),
+10. Training (`apply_cpu_training_patches`, called by the examples, not by the bridge): megatron's
+   DDP grad buffers, optimizer, grad-norm and grad-scaler modules allocate on the current CUDA
+   device or a literal ``device="cuda"``; they get a proxy mapping both to the default device, and
+   ``clip_grad_by_total_norm_fp32`` (which asserts CUDA tensors) a CPU version.
+
+Dist-checkpoint saving works through patch 2 (``filesystem_async`` / ``state_dict_saver``) and the
+``psutil`` dependency. Not covered: ``moe_utils.track_moe_metrics`` (training-loop logging, literal ``device="cuda"``),
 dynamic-batching inference, packed sequences (``seq_idx``/``cu_seqlens``) and the memory-efficient
 Mamba path. megatron's ``squared_relu`` is ``torch.compile``d; on CPU that works (inductor + gcc)
 but costs ~10 s of compilation on first use.
@@ -679,3 +683,61 @@ def apply_cpu_patches() -> bool:
 
     _APPLIED = True
     return True
+
+
+# --------------------------------------------------------------------------- 10. training
+# megatron-core modules of the training path (DDP grad buffers, optimizer, grad clipping) that
+# allocate with `torch.cuda.current_device()` or a literal `device="cuda"`.
+_TRAINING_CUDA_MODULES = (
+    "megatron.core.distributed.param_and_grad_buffer",
+    "megatron.core.distributed.distributed_data_parallel",
+    "megatron.core.distributed.finalize_model_grads",
+    "megatron.core.optimizer.optimizer",
+    "megatron.core.optimizer.clip_grads",
+    "megatron.core.optimizer.grad_scaler",
+    "megatron.core.utils",  # local_multi_tensor_l2_norm (grad norm without apex / TE)
+)
+
+
+def apply_cpu_training_patches() -> None:
+    """On a machine without CUDA, point the `torch` of the training modules above at a proxy that
+    is `torch` except that `torch.cuda.current_device()` is the CPU and a literal `device="cuda"`
+    in `tensor`/`zeros`/`ones`/`empty`/`full` means the CPU (the same technique as
+    patch 2 / 9, for the modules the bridge itself never runs). Does
+    nothing when CUDA is available."""
+    import importlib
+
+    if torch.cuda.is_available():
+        return
+    apply_cpu_patches()
+
+    class _TorchNoCuda(_CpuTorch):
+        pass
+
+    def _fix(fn):
+        def wrapped(*args, **kwargs):
+            device = kwargs.get("device")
+            if device is not None and torch.device(device).type == "cuda":
+                kwargs["device"] = torch.get_default_device()
+            return fn(*args, **kwargs)
+        return wrapped
+
+    proxy = _TorchNoCuda()
+    for name in ("tensor", "zeros", "ones", "empty", "full"):
+        setattr(proxy, name, _fix(getattr(torch, name)))
+    from megatron.core.optimizer import optimizer as megatron_optimizer
+
+    def clip_grad_by_total_norm_cpu(parameters, max_norm, total_norm, use_decoupled_grad=False):
+        """megatron's clip_grad_by_total_norm_fp32 without its `torch.cuda.FloatTensor` assert."""
+        attr = "decoupled_grad" if use_decoupled_grad else "grad"
+        grads = [getattr(p, attr).detach() for p in parameters if getattr(p, attr, None) is not None]
+        coeff = max_norm / (total_norm + 1.0e-6)
+        if coeff < 1.0 and grads:
+            torch._foreach_mul_(grads, coeff)
+
+    megatron_optimizer.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_cpu
+    for name in _TRAINING_CUDA_MODULES:
+        module = importlib.import_module(name)
+        current = getattr(module, "torch", None)
+        if current is torch or isinstance(current, _CpuTorch):  # the latter: patch 2's proxy
+            module.torch = proxy

@@ -175,6 +175,14 @@ class NemotronOmniModel(MegatronModule):
         self.post_process = language_model.post_process
         self.model_type = ModelType.encoder_or_decoder  # read by megatron's pipeline schedules
 
+    # megatron's finalize_model_grads asks the outer model about the (tied) embedding, as LLaVAModel has.
+    @property
+    def share_embeddings_and_output_weights(self) -> bool:
+        return self.language_model.share_embeddings_and_output_weights
+
+    def shared_embedding_or_output_weight(self):
+        return self.language_model.shared_embedding_or_output_weight()
+
     def set_input_tensor(self, input_tensor) -> None:
         self.language_model.set_input_tensor(input_tensor)
 
