@@ -22,13 +22,12 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
 from conversion.errors import ConversionError
+from conversion.integrity import META_FORMAT, META_NAME, read_meta  # noqa: F401 - re-exported
 from conversion.safetensors_io import atomic_output_dir
 
 TRACKER_NAME = "latest_checkpointed_iteration.txt"
 RELEASE_DIR = "release"
-META_NAME = "bridge_meta.json"
 ASSETS_DIR = "hf_assets"
-META_FORMAT = "nemotron-omni-bridge/1"
 
 
 def _sharded_state(model) -> Dict:
@@ -124,22 +123,6 @@ def _any_error(error: Optional[str]) -> Optional[str]:
     errors: List[Optional[str]] = [None] * dist.get_world_size()
     dist.all_gather_object(errors, error)
     return next((e for e in errors if e), None)
-
-
-def read_meta(path: Path) -> Dict:
-    path = Path(path)
-    if not path.is_dir():
-        raise ConversionError(f"{path}: input path does not exist or is not a directory (expected a converted Megatron checkpoint)")
-    meta_path = path / META_NAME
-    if not meta_path.is_file():
-        raise ConversionError(f"{meta_path}: missing; {path} is not a checkpoint written by convert-hf-to-mcore")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConversionError(f"{meta_path}: not valid JSON ({e})") from None
-    if meta.get("format") != META_FORMAT:
-        raise ConversionError(f"{meta_path}: format {meta.get('format')!r}, expected {META_FORMAT!r}")
-    return meta
 
 
 def checkpoint_dir(path: Path) -> Path:

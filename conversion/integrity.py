@@ -23,8 +23,8 @@ from typing import Dict, Iterable, Optional, Tuple
 
 from conversion.errors import ConversionError
 
-META_NAME = "bridge_meta.json"          # = bridge.checkpoint.META_NAME (a test keeps them equal)
-META_FORMAT = "nemotron-omni-bridge/1"  # = bridge.checkpoint.META_FORMAT
+META_NAME = "bridge_meta.json"          # beside the Megatron checkpoint (bridge.checkpoint re-exports it)
+META_FORMAT = "nemotron-omni-bridge/1"
 CHECKSUMS_NAME = "bridge_checksums.json"
 CHECKSUMS_FORMAT = "sha256/1"
 _CHUNK = 8 * 1024 * 1024

@@ -61,26 +61,13 @@ _FIRST_STAGE = dict(pipeline_model_parallel_size=1, virtual_pipeline_model_paral
 class NemotronVLModelProvider(NemotronHModelProvider, abc.ABC):
     """Common vision-language fields; the language model defaults are Nemotron-3-Nano's."""
 
-    mamba_num_groups: int = 8
+    # The documented VL defaults that differ from the NemotronH provider's; the others it lists
+    # (mamba_num_groups=8, make_vocab_size_divisible_by=128, masked_softmax_fusion, the sigmoid
+    # router with fp32 expert bias and seq_aux_loss 1e-4, grouped GEMM, alltoall, ...) are inherited
+    # with the same values (tests/test_providers.py checks every one).
     num_query_groups: int = 8
-    make_vocab_size_divisible_by: int = 128
     activation_func: Callable = None  # set to squared ReLU for the language model at build time
-    masked_softmax_fusion: bool = True
-    apply_query_key_layer_scaling: bool = False
-    persist_layer_norm: bool = True
-    first_last_layers_bf16: bool = True
-    is_hybrid_model: bool = True
-    moe_aux_loss_coeff: float = 1e-4
-    moe_router_score_function: str = "sigmoid"
-    moe_router_enable_expert_bias: bool = True
-    moe_router_load_balancing_type: str = "seq_aux_loss"
-    moe_router_dtype: str = "fp32"
-    moe_grouped_gemm: bool = True
-    moe_token_dispatcher_type: str = "alltoall"
-    moe_permute_fusion: bool = True
-    moe_shared_expert_overlap: bool = True
     scatter_embedding_sequence_parallel: bool = False
-    attention_softmax_in_fp32: bool = True
 
     vision_model_type: str = "radio"
     language_model_type: str = "nemotron5-hybrid-30b-a3b"

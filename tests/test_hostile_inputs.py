@@ -342,13 +342,6 @@ def test_expected_shapes_are_transformers_shapes(kw):
     assert {n: tuple(t.shape) for n, t in state.items()} == {n: s for n, (s, _) in expected.items()}
 
 
-def test_meta_constants_match_the_checkpoint_module():
-    from bridge import checkpoint
-    from conversion import integrity
-
-    assert (integrity.META_NAME, integrity.META_FORMAT) == (checkpoint.META_NAME, checkpoint.META_FORMAT)
-
-
 def test_stale_temporaries_of_dead_processes_are_removed(tmp_path):
     from conversion import safetensors_io as sio
 
