@@ -134,7 +134,7 @@ class SoundEncoder(MegatronModule):
         if input_features_mask is None:
             return hidden.reshape(-1, hidden.shape[-1]).to(self.config.params_dtype)
         lengths = self.encoder._get_subsampling_output_length(input_features_mask.sum(-1) + 1)
-        keep = torch.arange(hidden.shape[1])[None, :] < lengths[:, None]
+        keep = torch.arange(hidden.shape[1], device=hidden.device)[None, :] < lengths[:, None].to(hidden.device)
         return hidden[keep].to(self.config.params_dtype)
 
 
