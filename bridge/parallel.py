@@ -252,3 +252,9 @@ def broadcast_from_rank0(obj):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+# provide() asks the bridge for this policy (providers never import the bridge).
+from providers import mamba_provider as _mamba_provider  # noqa: E402
+
+_mamba_provider.PARALLEL_SETUP = setup_for_provider

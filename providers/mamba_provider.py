@@ -26,6 +26,20 @@ from providers.megatron_imports import HAVE_TE, MambaModel
 NEMOTRON_3_NANO_PATTERN = "MEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEMEM*EMEMEMEME"
 
 
+# The layout policy (agree megatron's parallel state with the provider's fields, check the sizes,
+# sequence parallel with TP x MoE) lives with the bridge: `bridge.parallel` registers its
+# `setup_for_provider` here on import, so providers never import the bridge. Without it, provide()
+# uses megatron's parallel state as the caller initialised it.
+PARALLEL_SETUP: Optional[Callable[["MambaModelProvider"], dict]] = None
+
+
+def _initialised_layout() -> dict:
+    if not parallel_state.model_parallel_is_initialized():
+        raise RuntimeError("megatron's parallel state is not initialised: initialise it, or import bridge.parallel "
+                           "(AutoBridge does) to create it from the provider's fields")
+    return {"vpp": parallel_state.get_virtual_pipeline_model_parallel_world_size()}
+
+
 def use_transformer_engine() -> bool:
     """The TE path needs both the package and a GPU; everything else runs the CPU build."""
     return HAVE_TE and torch.cuda.is_available()
@@ -122,14 +136,12 @@ class MambaModelProvider(TransformerConfig):
 
         The parallel layout is megatron's parallel state when initialised, else this provider's
         fields (the state is then created); it is checked against the sizes first
-        (`bridge.parallel.setup_for_provider`). With virtual pipeline stages use
+        (`PARALLEL_SETUP`, which `bridge.parallel` registers). With virtual pipeline stages use
         `bridge.parallel.build_model`, which builds every chunk of the rank.
         """
-        from bridge.parallel import setup_for_provider  # layout policy lives with the bridge
-
         if self.vocab_size is None:
             raise ValueError("MambaModelProvider.vocab_size must be set")
-        state = setup_for_provider(self)
+        state = PARALLEL_SETUP(self) if PARALLEL_SETUP is not None else _initialised_layout()
         if state["vpp"] is not None and vp_stage is None:
             raise ValueError(f"virtual pipeline stages (VPP={state['vpp']}) are set: build each chunk with "
                              "provide(vp_stage=v) or use bridge.parallel.build_model(provider)")
