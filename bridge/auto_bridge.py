@@ -173,34 +173,42 @@ class AutoBridge:
                             if not k.endswith("_extra_state")})
         return out
 
+    def rule_table(self) -> Dict[str, Rule]:
+        """Megatron name -> rule; with tied embeddings the last stage's output layer (megatron's
+        copy of the tied embedding) maps to the embedding's rule."""
+        rules = {r.megatron: r for r in self.rules()}
+        if self.config.text.get("tie_word_embeddings"):
+            m = "language_model." if self.config.kind != "nemotron_h" else ""
+            rules[m + "output_layer.weight"] = rules[m + "embedding.word_embeddings.weight"]
+        return rules
+
+    def megatron_tensor(self, rule: Rule, dims: Dims) -> torch.Tensor:
+        """The full (unsharded) Megatron tensor of `rule`, made from its HF tensor(s)."""
+        checkpoint = self.checkpoint
+        hf_names = list(rule.hf)
+        try:
+            full = to_megatron(rule.kind, [checkpoint.get(n) for n in hf_names], dims)
+        except ConversionError:
+            raise
+        except Exception as e:  # noqa: BLE001 - reshape errors from wrong shapes
+            shapes = [tuple(checkpoint.shape(n)) for n in hf_names]
+            raise ConversionError(f"{', '.join(hf_names)}: shapes {shapes} do not fit the config ({e})") from None
+        if "layer_scale" in rule.megatron and not torch.all(full == 1):
+            # megatron-core's ViT layer has no layer scale: only an identity one is exact
+            raise ConversionError(f"{hf_names[0]}: RADIO layer scale must be all ones (the Megatron "
+                                  "vision layer has no layer scale); got other values")
+        return full
+
     def load_hf_weights(self, model) -> None:
         """Fill every parameter of `model` (this rank's part) from the HF checkpoint. Strict."""
-        checkpoint = self.checkpoint
-        rules = {r.megatron: r for r in self.rules()}
-        tied = bool(self.config.text.get("tie_word_embeddings"))
-        m = "language_model." if self.config.kind != "nemotron_h" else ""
+        rules = self.rule_table()
         for chunk in W.model_chunks(model):
-            lm = self._language_model(chunk)
-            dims = self._dims(lm)
+            dims = self._dims(self._language_model(chunk))
             for name, tensor in self._chunk_tensors(chunk).items():
-                if tied and name == m + "output_layer.weight":  # last-stage copy of the tied embedding
-                    name = m + "embedding.word_embeddings.weight"
                 rule = rules.get(name)
                 if rule is None:
                     raise ConversionError(f"megatron parameter {name!r} has no HF source in the name table")
-                hf_names = list(rule.hf)
-                try:
-                    full = to_megatron(rule.kind, [checkpoint.get(n) for n in hf_names], dims)
-                except ConversionError:
-                    raise
-                except Exception as e:  # noqa: BLE001 - reshape errors from wrong shapes
-                    shapes = [tuple(checkpoint.shape(n)) for n in hf_names]
-                    raise ConversionError(f"{', '.join(hf_names)}: shapes {shapes} do not fit the config ({e})") from None
-                if "layer_scale" in name and not torch.all(full == 1):
-                    # megatron-core's ViT layer has no layer scale: only an identity one is exact
-                    raise ConversionError(f"{hf_names[0]}: RADIO layer scale must be all ones (the Megatron "
-                                          "vision layer has no layer scale); got other values")
-                W.load_into(tensor, rule.kind, full, dims, ", ".join(hf_names))
+                W.load_into(tensor, rule.kind, self.megatron_tensor(rule, dims), dims, ", ".join(rule.hf))
 
     # ------------------------------------------------------------------ megatron -> HF
     def export_hf_weights(self, model, cast_to_hf_dtype: bool = True,
@@ -293,19 +301,24 @@ class AutoBridge:
         broadcast_from_rank0(None)
 
     def _write_hf(self, model, path: Path, overwrite: bool, tensors) -> None:
-        manifest = self._manifest_or_none()
-        if manifest:
-            weight_map = {n: manifest[n]["file"] for n in self.hf_names()}
-        else:
-            weight_map = None
+        specs = self.hf_specs()
         with atomic_output_dir(path, overwrite=overwrite) as tmp:
             self._copy_assets(tmp)
             (tmp / "config.json").write_text(json.dumps(self.export_config(model), indent=2) + "\n")
-            if weight_map is None:
+            if specs is None:  # no source checkpoint: files planned from the exported tensors
                 materialised = list(tensors)
-                weight_map = plan_shards([(n, t.numel() * t.element_size()) for n, t in materialised], MAX_SHARD_BYTES)
+                files = plan_shards([(n, t.numel() * t.element_size()) for n, t in materialised], MAX_SHARD_BYTES)
+                specs = {n: (files[n], t.dtype, tuple(t.shape)) for n, t in materialised}
                 tensors = iter(materialised)
-            write_hf_weights(tmp, tensors, weight_map)
+            write_hf_weights(tmp, tensors, specs)
+
+    def hf_specs(self) -> Optional[Dict[str, Tuple[str, torch.dtype, Tuple[int, ...]]]]:
+        """name -> (file, dtype, shape) of every HF tensor, from the source manifest (None without one)."""
+        manifest = self._manifest_or_none()
+        if not manifest:
+            return None
+        return {n: (manifest[n]["file"], dtype_from_name(manifest[n]["dtype"]), tuple(manifest[n]["shape"]))
+                for n in self.hf_names()}
 
     def _copy_assets(self, dest: Path) -> None:
         """Copy the non-weight files of the source (tokenizer, generation config, ...)."""
@@ -320,7 +333,12 @@ class AutoBridge:
 
     # ------------------------------------------------------------------ Megatron checkpoints
     def save_megatron_model(self, model, path: str | Path, layout: Optional[Dict[str, Any]] = None,
-                            overwrite: bool = False) -> None:
+                            overwrite: bool = False, sharded_state=None, strategy=None) -> None:
+        """Write `model` as a Megatron checkpoint (Megatron-LM layout, see bridge/checkpoint.py).
+
+        `sharded_state` / `strategy`: how the tensors are produced and written (default: the
+        model's own `sharded_state_dict()` and megatron-core's writer; the streaming conversion
+        passes a meta-device model's state and a strategy that makes each tensor on demand)."""
         from bridge import checkpoint
 
         meta = {
@@ -341,8 +359,9 @@ class AutoBridge:
             meta["hf_checksums"] = integrity.checksums(self.hf_dir, files)
         meta["checksums_file"] = integrity.CHECKSUMS_NAME  # every file of the checkpoint, sha256 (see conversion/integrity.py)
         with finalize_outputs_with(integrity.write_checksums_file):
-            checkpoint.save(model, Path(path), meta, self.assets_dir, overwrite=overwrite,
-                            is_asset=lambda p: not _is_weight_file(p.name))
+            checkpoint.save(sharded_state or (lambda: checkpoint.sharded_state(model)), Path(path), meta,
+                            self.assets_dir, overwrite=overwrite, is_asset=lambda p: not _is_weight_file(p.name),
+                            strategy=strategy)
 
     @classmethod
     def from_megatron_checkpoint(cls, path: str | Path) -> "AutoBridge":

@@ -30,7 +30,7 @@ RELEASE_DIR = "release"
 ASSETS_DIR = "hf_assets"
 
 
-def _sharded_state(model) -> Dict:
+def sharded_state(model) -> Dict:
     from bridge.weights import model_chunks
 
     chunks = model_chunks(model)
@@ -43,9 +43,11 @@ def _sharded_state(model) -> Dict:
     return state
 
 
-def save(model, path: Path, meta: Dict, assets_dir: Optional[Path], overwrite: bool = False,
-         is_asset: Callable[[Path], bool] = lambda p: True) -> None:
-    """Write the model (all ranks take part) and the bridge files (rank 0) into `path`, atomically.
+def save(state: Callable[[], Dict], path: Path, meta: Dict, assets_dir: Optional[Path], overwrite: bool = False,
+         is_asset: Callable[[Path], bool] = lambda p: True, strategy=None) -> None:
+    """Write a model's sharded state (all ranks take part) and the bridge files (rank 0) into `path`,
+    atomically. `state()` gives this rank's sharded state dict (`sharded_state(model)`); `strategy`
+    is the dist_checkpointing save strategy (None: megatron-core's default, torch_dist).
 
     Rank 0 creates the hidden temporary sibling and broadcasts its path; every rank writes its
     shards into it with `dist_checkpointing.save`; rank 0 writes the tracker, bridge_meta.json and
@@ -61,7 +63,7 @@ def save(model, path: Path, meta: Dict, assets_dir: Optional[Path], overwrite: b
         if isinstance(tmp_or_error, Exception):
             raise tmp_or_error
         tmp = Path(tmp_or_error)
-        error = _all_ok(lambda: dist_checkpointing.save(_sharded_state(model), str(tmp / RELEASE_DIR)))
+        error = _all_ok(lambda: dist_checkpointing.save(state(), str(tmp / RELEASE_DIR), sharded_strategy=strategy))
         error = _any_error(error)
         if error:
             raise ConversionError(f"writing the Megatron checkpoint {path} failed: {error}")
@@ -79,14 +81,14 @@ def save(model, path: Path, meta: Dict, assets_dir: Optional[Path], overwrite: b
         (tmp / RELEASE_DIR).mkdir(exist_ok=True)
         if multi:
             broadcast_from_rank0(str(tmp))
-            error = _all_ok(lambda: dist_checkpointing.save(_sharded_state(model), str(tmp / RELEASE_DIR)))
+            error = _all_ok(lambda: dist_checkpointing.save(state(), str(tmp / RELEASE_DIR), sharded_strategy=strategy))
             error = error or _all_ok(lambda: _write_bridge_files(tmp, meta, assets_dir, is_asset))
             error = _any_error(error)
             if error:
                 raise ConversionError(f"writing the Megatron checkpoint {path} failed: {error}")
             dist.barrier()
         else:
-            dist_checkpointing.save(_sharded_state(model), str(tmp / RELEASE_DIR))
+            dist_checkpointing.save(state(), str(tmp / RELEASE_DIR), sharded_strategy=strategy)
             _write_bridge_files(tmp, meta, assets_dir, is_asset)
     except BaseException as e:
         context.__exit__(type(e), e, e.__traceback__)
@@ -138,7 +140,7 @@ def load(model, path: Path) -> None:
     """Load the weights of a converted checkpoint into `model` (any parallel layout: it reshards)."""
     from bridge.weights import model_chunks
 
-    state = _sharded_state(model)
+    state = sharded_state(model)
     loaded = dist_checkpointing.load(state, str(checkpoint_dir(path)))
     chunks = model_chunks(model)
     for i, chunk in enumerate(chunks):

@@ -1,7 +1,14 @@
 """Reading and writing Hugging Face safetensors checkpoints (single file or sharded with an index).
 
-Reading is lazy: `HFCheckpoint` opens each shard with `safe_open` and returns one tensor at a time,
-so nothing larger than the tensor asked for is materialised. Writing keeps the shard layout of the
+Reading is lazy: `HFCheckpoint` reads one tensor's bytes at a time with `os.pread` straight into a
+fresh tensor (no mmap: mapped pages would count in the process's resident memory, and a 5 GB shard
+would show as 5 GB), so nothing larger than the tensor asked for is materialised, and threads can
+read in parallel. Writing (`SafetensorsWriter`) lays every file out from the names, dtypes and
+shapes first (header, offsets, file size), then each tensor is written at its offset with
+`os.pwrite` whenever it arrives, in any order, from any thread or rank: no file is ever buffered
+in memory. The safetensors library has no such writer (`save_file` takes a whole dict of tensors);
+the files are plain safetensors (8-byte header length, JSON header, contiguous data) and the tests
+read them back with the safetensors library and transformers. Output keeps the shard layout of the
 source when one is given (so HF -> Megatron -> HF gives back the same files), otherwise it packs
 tensors into shards of at most `max_shard_bytes`.
 """
@@ -10,17 +17,16 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import ctypes
 import json
 import os
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
-
 from conversion.errors import ConversionError
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -39,6 +45,7 @@ _TORCH_TO_NAME = {
     torch.int8: "int8", torch.uint8: "uint8", torch.bool: "bool",
 }
 _NAME_TO_TORCH = {v: k for k, v in _TORCH_TO_NAME.items()}
+_TORCH_TO_ST = {v: k for k, v in _ST_DTYPES.items()}
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -68,7 +75,12 @@ _MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
 
 
 def read_safetensors_header(path: Path) -> Dict[str, Tuple[str, Tuple[int, ...]]]:
-    """name -> (safetensors dtype, shape) from the header of `path`, after checking the file.
+    """name -> (safetensors dtype, shape) from the header of `path`, after checking the file."""
+    return {name: (d, shape) for name, (d, shape, _) in _read_header(path).items()}
+
+
+def _read_header(path: Path) -> Dict[str, Tuple[str, Tuple[int, ...], int]]:
+    """name -> (safetensors dtype, shape, absolute file offset of its data), after checking the file.
 
     Only the header is read. The checks make a truncated or corrupt file fail here, when the
     checkpoint is opened, instead of half-way through a conversion: the header length fits the
@@ -94,7 +106,7 @@ def read_safetensors_header(path: Path) -> Dict[str, Tuple[str, Tuple[int, ...]]
             raise ValueError("not a JSON object")
     except (UnicodeDecodeError, ValueError) as e:
         raise ConversionError(f"{path}: corrupt safetensors header (expected a JSON object: {e})") from None
-    out: Dict[str, Tuple[str, Tuple[int, ...]]] = {}
+    out: Dict[str, Tuple[str, Tuple[int, ...], int]] = {}
     end = 0
     for name, entry in header.items():
         if name == "__metadata__":
@@ -116,7 +128,7 @@ def read_safetensors_header(path: Path) -> Dict[str, Tuple[str, Tuple[int, ...]]
             raise ConversionError(f"{path}: corrupt safetensors header: tensor {name!r} {st_dtype} {list(shape)} "
                                   f"needs {numel * _ST_ELEMENT_BYTES[st_dtype]} bytes, its data offsets give {stop - begin}")
         end = max(end, stop)
-        out[name] = (st_dtype, tuple(shape))
+        out[name] = (st_dtype, tuple(shape), 8 + n + begin)
     data = size - 8 - n
     if end > data:
         raise ConversionError(f"{path}: truncated safetensors file: the header needs {end} bytes of tensor data, "
@@ -131,7 +143,7 @@ class HFCheckpoint:
     """Lazy view of the safetensors weights of a Hugging Face model directory.
 
     Opening it reads and checks every shard's header (see `read_safetensors_header`); tensor data
-    is read only by `get`.
+    is read only by `get` (thread-safe: `os.pread` on one descriptor per file).
     """
 
     def __init__(self, root: str | os.PathLike):
@@ -140,9 +152,10 @@ class HFCheckpoint:
             raise ConversionError(f"{self.root}: not a directory (expected a Hugging Face model directory)")
         index_path = self.root / INDEX_NAME
         self.weight_map: Dict[str, str] = {}
-        self._handles: Dict[str, object] = {}
+        self._fds: Dict[str, int] = {}
+        self._fd_lock = threading.Lock()
         self._meta: Dict[str, Tuple[torch.dtype, Tuple[int, ...]]] = {}
-        self._headers: Dict[str, Dict[str, Tuple[str, Tuple[int, ...]]]] = {}
+        self._headers: Dict[str, Dict[str, Tuple[str, Tuple[int, ...], int]]] = {}
         if index_path.exists():
             try:
                 index = json.loads(index_path.read_text())
@@ -174,21 +187,28 @@ class HFCheckpoint:
             for name in self._header(file_name):
                 self.weight_map[name] = file_name
 
-    def _header(self, file_name: str) -> Dict[str, Tuple[str, Tuple[int, ...]]]:
+    def _header(self, file_name: str) -> Dict[str, Tuple[str, Tuple[int, ...], int]]:
         if file_name not in self._headers:
-            self._headers[file_name] = read_safetensors_header(self.root / file_name)
+            self._headers[file_name] = _read_header(self.root / file_name)
         return self._headers[file_name]
 
-    def _open(self, file_name: str):
-        handle = self._handles.get(file_name)
-        if handle is None:
-            path = self.root / file_name
-            try:
-                handle = safe_open(str(path), framework="pt")
-            except Exception as e:  # noqa: BLE001
-                raise ConversionError(f"{path}: cannot read safetensors file ({e})") from None
-            self._handles[file_name] = handle
-        return handle
+    def _fd(self, file_name: str) -> int:
+        with self._fd_lock:
+            if file_name not in self._fds:
+                self._fds[file_name] = os.open(self.root / file_name, os.O_RDONLY)
+            return self._fds[file_name]
+
+    def close(self) -> None:
+        with self._fd_lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
 
     def _read_headers(self) -> None:
         """Read dtype and shape of every tensor from the shard headers (no tensor data is read)."""
@@ -197,7 +217,7 @@ class HFCheckpoint:
             for name in [n for n, f in self.weight_map.items() if f == file_name]:
                 if name not in header:
                     raise ConversionError(f"{self.root / file_name}: tensor {name!r} listed in the index is missing")
-                st_dtype, shape = header[name]
+                st_dtype, shape, _ = header[name]
                 self._meta[name] = (_ST_DTYPES[st_dtype], shape)
             unlisted = sorted(n for n in header if self.weight_map.get(n) != file_name)
             if unlisted:
@@ -222,10 +242,14 @@ class HFCheckpoint:
         if name not in self.weight_map:
             raise ConversionError(f"{self.root}: tensor {name!r} not found in the checkpoint")
         file_name = self.weight_map[name]
+        dtype, shape = self._meta[name]
+        offset = self._header(file_name)[name][2]
+        out = torch.empty(shape, dtype=dtype)
         try:
-            return self._open(file_name).get_tensor(name)
-        except Exception as e:  # noqa: BLE001
+            read_exactly(self._fd(file_name), out, offset)
+        except (OSError, EOFError) as e:
             raise ConversionError(f"{self.root / file_name}: cannot read tensor {name!r} ({e})") from None
+        return out
 
     def nbytes(self, name: str) -> int:
         dtype, shape = self._meta[name]
@@ -259,49 +283,136 @@ def plan_shards(tensors: Iterable[Tuple[str, int]], max_shard_bytes: int) -> Dic
     return {name: f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i, g in enumerate(groups) for name in g}
 
 
-def write_hf_weights(out_dir: Path, tensors: Iterator[Tuple[str, torch.Tensor]], weight_map: Dict[str, str]) -> None:
-    """Write `tensors` into the safetensors files named by `weight_map` (+ the index when sharded).
+def _byte_view(tensor: torch.Tensor):
+    """The bytes of a contiguous CPU tensor as a writable buffer (no copy; the caller keeps `tensor`
+    alive while using it). Not via `.numpy()`, which would pin the storage for good and make it
+    impossible to free early (see bridge/streaming.py)."""
+    assert tensor.is_contiguous() and tensor.device.type == "cpu"
+    return memoryview((ctypes.c_char * tensor.nbytes).from_address(tensor.data_ptr())).cast("B")
 
-    Tensors are buffered per destination file and each file is written as soon as all of its
-    tensors have arrived, so memory holds at most the files still being filled.
+
+def read_exactly(fd: int, out: torch.Tensor, offset: int) -> None:
+    """Fill the contiguous tensor `out` with the bytes of file `fd` at `offset` (os.pread)."""
+    view, done = _byte_view(out), 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n == 0:
+            raise EOFError(f"file ends {len(view) - done} bytes early")
+        done += n
+
+
+def _write_exactly(fd: int, tensor: torch.Tensor, offset: int) -> None:
+    view, done = _byte_view(tensor), 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], offset + done)
+
+
+class SafetensorsWriter:
+    """Safetensors files laid out up front, filled tensor by tensor at known offsets.
+
+    `specs`: name -> (file name, torch dtype, shape). Within a file, tensors are ordered as the
+    safetensors library orders them (wider dtypes first, then by name); the header is padded with
+    spaces to a multiple of 8 bytes. `create()` writes every header and sizes every file (one
+    process: rank 0); `write(name, tensor)` may then be called from any thread or process, in any
+    order; `close()` flushes. `missing()` names the tensors not written by this writer object.
     """
-    remaining: Dict[str, set] = {}
-    for name, file_name in weight_map.items():
-        remaining.setdefault(file_name, set()).add(name)
-    pending: Dict[str, Dict[str, torch.Tensor]] = {f: {} for f in remaining}
-    seen = set()
-    for name, tensor in tensors:
-        if name not in weight_map:
+
+    def __init__(self, out_dir: Path, specs: Dict[str, Tuple[str, torch.dtype, Tuple[int, ...]]]):
+        self.out_dir = Path(out_dir)
+        self.specs = specs
+        self.offsets: Dict[str, int] = {}
+        self.file_sizes: Dict[str, int] = {}
+        self.headers: Dict[str, bytes] = {}
+        for file_name in sorted({f for f, _, _ in specs.values()}):
+            names = sorted((n for n, (f, _, _) in specs.items() if f == file_name),
+                           key=lambda n: (-specs[n][1].itemsize, n))
+            entries, pos = {}, 0
+            for n in names:
+                _, dtype, shape = specs[n]
+                nbytes = _numel(shape) * dtype.itemsize
+                entries[n] = {"dtype": _TORCH_TO_ST[dtype], "shape": list(shape), "data_offsets": [pos, pos + nbytes]}
+                pos += nbytes
+            header = json.dumps({"__metadata__": {"format": "pt"}, **entries}, separators=(",", ":")).encode()
+            header += b" " * (-len(header) % 8)
+            start = 8 + len(header)
+            self.headers[file_name] = len(header).to_bytes(8, "little") + header
+            self.file_sizes[file_name] = start + pos
+            for n in names:
+                self.offsets[n] = start + entries[n]["data_offsets"][0]
+        self._fds: Dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._written: set = set()
+
+    def create(self) -> None:
+        for file_name, header in self.headers.items():
+            with open(self.out_dir / file_name, "wb") as f:
+                f.write(header)
+                f.truncate(self.file_sizes[file_name])
+
+    def _fd(self, file_name: str) -> int:
+        with self._lock:
+            if file_name not in self._fds:
+                self._fds[file_name] = os.open(self.out_dir / file_name, os.O_WRONLY)
+            return self._fds[file_name]
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        if name not in self.specs:
             raise ConversionError(f"export produced tensor {name!r} that has no destination file")
-        if name in seen:
-            raise ConversionError(f"export produced tensor {name!r} twice")
-        seen.add(name)
-        file_name = weight_map[name]
-        pending[file_name][name] = tensor.detach().contiguous()
-        remaining[file_name].discard(name)
-        if not remaining[file_name]:
-            save_file(pending.pop(file_name), str(out_dir / file_name), metadata={"format": "pt"})
-            pause_for_tests("after-first-file")
-    missing = sorted(set(weight_map) - seen)
+        file_name, dtype, shape = self.specs[name]
+        if tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
+            raise ConversionError(f"export produced tensor {name!r} as {tensor.dtype} {tuple(tensor.shape)}, "
+                                  f"expected {dtype} {tuple(shape)}")
+        with self._lock:
+            if name in self._written:
+                raise ConversionError(f"export produced tensor {name!r} twice")
+            self._written.add(name)
+        _write_exactly(self._fd(file_name), tensor.detach().cpu().contiguous(), self.offsets[name])
+
+    def missing(self) -> List[str]:
+        return sorted(set(self.specs) - self._written)
+
+    def close(self, fsync: bool = True) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                if fsync:
+                    os.fsync(fd)
+                os.close(fd)
+            self._fds.clear()
+
+    def write_index(self) -> None:
+        """`model.safetensors.index.json` when there is more than one file."""
+        if len(self.headers) > 1:
+            total = sum(_numel(shape) * dtype.itemsize for _, dtype, shape in self.specs.values())
+            index = {"metadata": {"total_size": total},
+                     "weight_map": {n: f for n, (f, _, _) in sorted(self.specs.items())}}
+            (self.out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def write_hf_weights(out_dir: Path, tensors: Iterator[Tuple[str, torch.Tensor]],
+                     specs: Dict[str, Tuple[str, torch.dtype, Tuple[int, ...]]]) -> None:
+    """Write `tensors` (every name of `specs`, once) into the safetensors files `specs` names, + index."""
+    writer = SafetensorsWriter(out_dir, specs)
+    writer.create()
+    try:
+        first_file = None
+        for name, tensor in tensors:
+            writer.write(name, tensor)
+            if first_file is None:
+                first_file = name
+                pause_for_tests("after-first-file")
+    finally:
+        writer.close()
+    missing = writer.missing()
     if missing:
         raise ConversionError(f"export did not produce {len(missing)} tensor(s), e.g. {missing[0]!r}")
-    if len(set(weight_map.values())) > 1:
-        index = {"metadata": {"total_size": _total_size(out_dir, weight_map)},
-                 "weight_map": dict(sorted(weight_map.items()))}
-        (out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-
-
-def _total_size(out_dir: Path, weight_map: Dict[str, str]) -> int:
-    total = 0
-    for file_name in sorted(set(weight_map.values())):
-        with safe_open(str(out_dir / file_name), framework="pt") as f:
-            for name in f.keys():
-                sl = f.get_slice(name)
-                n = 1
-                for s in sl.get_shape():
-                    n *= s
-                total += n * torch.empty((), dtype=_ST_DTYPES[sl.get_dtype()]).element_size()
-    return total
+    writer.write_index()
 
 
 # ---------------------------------------------------------------------------- output directories

@@ -165,7 +165,7 @@ def _flip_release_byte(src, work):
     data = bytearray(victim.read_bytes())
     data[len(data) // 2] ^= 0x01
     victim.write_bytes(bytes(data))
-    return {"mc": mc, "fragments": [f"release/{victim.name}", "corrupt", "sha256"]}
+    return {"mc": mc, "fragments": [f"release/{victim.name}", "corrupt", "xxh3_128"]}
 
 
 def _truncate_release(src, work):

@@ -1,0 +1,308 @@
+"""Streaming conversion between a Hugging Face directory and a Megatron checkpoint, in bounded memory.
+
+Nothing is ever materialised whole: the Megatron model is built on the meta device (no storage) at
+TP = PP = EP = 1, and its `sharded_state_dict()` names every tensor of the checkpoint exactly as
+megatron-core names it for a real model (keys, global shapes, offsets, the expert axis, the Mamba
+in_proj / conv1d split). The torch_dist format reshards on load, so these files serve every
+TP / PP / EP / VPP layout.
+
+HF -> Megatron (`convert_hf_to_megatron`), the path of one tensor:
+  megatron-core `dist_checkpointing.save` -> torch.distributed.checkpoint's FileSystemWriter (one
+  file per writer thread) asks `_OnDemandPlanner.resolve_data` for a chunk ->
+  `AutoBridge.megatron_tensor(rule)` reads the HF tensor(s) (os.pread) and applies the rule's
+  transform (e.g. q, k, v -> fused QKV) -> for a sharded factory (Mamba in_proj z/x/B/C/dt) the
+  factory's own build function cuts the piece -> written -> its memory is released before the same
+  thread makes its next tensor. Each routed expert is its own chunk, read from its own HF tensor.
+Megatron -> HF (`convert_megatron_to_hf`): for each rule of the name table, `DcpReader` reads the
+regions of the checkpoint that hold the rule's parameter (a factory's pieces are merged by the
+factory's own merge function), `to_hf` splits it into HF tensors and `SafetensorsWriter` writes
+each at its offset in the pre-laid-out files. Worker threads take different rules.
+
+Memory: `ByteBudget` bounds the bytes of tensors that all threads hold at once (a tensor larger
+than the budget runs alone), so the peak is about the budget plus the largest tensor's transform
+copy plus the interpreter; it does not depend on the number of layers.
+
+Under torchrun every rank builds the same plan and takes a share of the tensors balanced by bytes
+(`assign`): it reads only the HF tensors / checkpoint regions of its share and writes them (HF ->
+Megatron: as the main replica in megatron's dedup; Megatron -> HF: at their offsets in the shared
+safetensors files, which rank 0 laid out).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from megatron.core import parallel_state
+from megatron.core.dist_checkpointing.dict_utils import nested_values
+from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+from megatron.core.dist_checkpointing.strategies.torch import (
+    MCoreSavePlanner, TorchDistSaveShardedStrategy, _replace_state_dict_keys_with_sharded_keys,
+    mcore_to_pyt_state_dict,
+)
+from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint.planner import WriteItemType
+
+from conversion.errors import ConversionError
+
+DEFAULT_BUDGET = 1024**3
+
+
+def default_threads() -> int:
+    return max(2, min(4, os.cpu_count() or 1))
+
+
+# ---------------------------------------------------------------------------- shared pieces
+
+class ByteBudget:
+    """At most `limit` bytes held at once across threads; a request above the limit waits for an
+    empty budget and then runs alone."""
+
+    def __init__(self, limit: int = DEFAULT_BUDGET):
+        self.limit = limit
+        self.used = 0
+        self._cond = threading.Condition()
+
+    def acquire(self, nbytes: int) -> int:
+        n = min(nbytes, self.limit)
+        with self._cond:
+            self._cond.wait_for(lambda: self.used + n <= self.limit)
+            self.used += n
+        return n
+
+    def release(self, n: int) -> None:
+        with self._cond:
+            self.used -= n
+            self._cond.notify_all()
+
+    @contextmanager
+    def hold(self, nbytes: int):
+        n = self.acquire(nbytes)
+        try:
+            yield
+        finally:
+            self.release(n)
+
+
+class Progress:
+    """A tqdm bar in bytes with the tensor count and rate beside it (thread-safe); silent when quiet."""
+
+    def __init__(self, total_bytes: int, total_tensors: int, desc: str, quiet: bool):
+        self.bar = None
+        self.tensors = 0
+        self.total_tensors = total_tensors
+        self._lock = threading.Lock()
+        if not quiet:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
+                            dynamic_ncols=True, mininterval=0.5)
+
+    def update(self, nbytes: int) -> None:
+        if self.bar is None:
+            return
+        with self._lock:
+            self.tensors += 1
+            elapsed = max(self.bar.format_dict["elapsed"], 1e-9)
+            self.bar.set_postfix_str(f"{self.tensors}/{self.total_tensors} tensors, {self.tensors / elapsed:.0f} tensors/s",
+                                     refresh=False)
+            self.bar.update(nbytes)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def world() -> Tuple[int, int]:
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def assign(sizes: Sequence[int], ranks: int) -> List[int]:
+    """Owner rank of each item: largest first to the least-loaded rank (the same on every rank)."""
+    load = [0] * ranks
+    owner = [0] * len(sizes)
+    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        r = min(range(ranks), key=lambda r: (load[r], r))
+        owner[i] = r
+        load[r] += sizes[i]
+    return owner
+
+
+def nbytes_of(shape, dtype: torch.dtype) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n * dtype.itemsize
+
+
+def meta_model(bridge, dtype: torch.dtype, padded_vocab: Optional[int] = None):
+    """The megatron model of `bridge` on the meta device at TP = PP = EP = 1 (no storage)."""
+    from bridge.parallel import current_sizes, ensure_parallel_state
+
+    ensure_parallel_state()
+    sizes = current_sizes()
+    if any(sizes[k] not in (None, 1) for k in ("tp", "pp", "ep", "vpp")):
+        raise ConversionError(f"streaming conversion builds the model at TP=PP=EP=1 (the checkpoint files do not "
+                              f"depend on the layout); megatron's parallel state is already initialised with {sizes}")
+    provider = bridge.to_megatron_provider(dtype=dtype)
+    provider.perform_initialization = False
+    if padded_vocab:
+        provider.padded_vocab = padded_vocab
+    with torch.device("meta"):
+        return provider.provide()
+
+
+def _param_entries(state: Dict) -> Dict[str, object]:
+    """state-dict name -> ShardedTensor / ShardedTensorFactory of one model chunk's sharded state
+    (TE `_extra_state` objects carry no weights and are left alone)."""
+    return {k: v for k, v in state.items() if isinstance(v, (ShardedTensor, ShardedTensorFactory))}
+
+
+def _pieces(factory: ShardedTensorFactory, data: torch.Tensor):
+    """The factory's ShardedTensors built over `data` (meta for planning, real for writing)."""
+    return list(nested_values(factory.build_fn(factory.key, data, factory.replica_id, factory.flattened_range)))
+
+
+# ---------------------------------------------------------------------------- HF -> Megatron
+
+class _Source:
+    """Where one checkpoint chunk comes from: a parameter (state-dict name, its dtype and size in
+    the model) and, for a factory, which of its pieces."""
+
+    def __init__(self, param: str, dtype: torch.dtype, nbytes: int, factory: Optional[ShardedTensorFactory] = None,
+                 piece: int = 0):
+        self.param, self.dtype, self.nbytes, self.factory, self.piece = param, dtype, nbytes, factory, piece
+
+
+def plan_hf_to_megatron(model_state: Dict, rank: int, ranks: int):
+    """Assign each parameter to a rank (main replica there, a non-main replica elsewhere) and expand
+    factories into their pieces, in place. Returns ((checkpoint key, global offset) -> source,
+    (bytes, chunks) of this rank's share)."""
+    entries = _param_entries(model_state)
+    names = sorted(entries)
+    sizes = [nbytes_of(entries[n].data.shape, entries[n].data.dtype) for n in names]
+    owners = assign(sizes, ranks)
+    sources: Dict[Tuple[str, Tuple[int, ...]], _Source] = {}
+    mine = [0, 0]
+    for name, size, owner in zip(names, sizes, owners):
+        entry = entries[name]
+        entry.replica_id = 0 if owner == rank else 1
+        pieces = _pieces(entry, entry.data) if isinstance(entry, ShardedTensorFactory) else [entry]
+        if owner == rank:
+            mine[0] += size
+            mine[1] += len(pieces)
+        if isinstance(entry, ShardedTensorFactory):
+            for i, piece in enumerate(pieces):
+                sources[(piece.key, tuple(piece.global_offset))] = _Source(name, entry.data.dtype, size, entry, i)
+            model_state[name] = pieces
+        else:
+            sources[(entry.key, tuple(entry.global_offset))] = _Source(name, entry.data.dtype, size)
+    return sources, mine
+
+
+class _OnDemandPlanner(MCoreSavePlanner):
+    """megatron-core's DCP save planner, except that a tensor chunk is made from the HF files only
+    when the writer asks for it, and freed before the same writer thread asks for the next one."""
+
+    def __init__(self, make: Callable[[str, torch.dtype], torch.Tensor], sources, budget: ByteBudget,
+                 progress: Progress):
+        super().__init__(dedup_replicated_tensors=False, flatten_state_dict=False)
+        self.make, self.sources, self.budget, self.progress = make, sources, budget, progress
+        self._held = threading.local()
+
+    def _release(self) -> None:
+        held = getattr(self._held, "item", None)
+        if held is not None:
+            tensor, n = held
+            # torch's writer keeps a reference to every tensor of a file until the file is closed;
+            # emptying the storage frees the bytes now (the tensor has been written).
+            tensor.untyped_storage().resize_(0)
+            self.budget.release(n)
+            self._held.item = None
+
+    def resolve_data(self, write_item):
+        if write_item.type == WriteItemType.BYTE_IO:
+            return super().resolve_data(write_item)
+        self._release()
+        key = (write_item.index.fqn, tuple(write_item.index.offset))
+        source = self.sources.get(key)
+        if source is None:
+            raise ConversionError(f"no HF source planned for Megatron checkpoint tensor {key[0]!r} at offset {key[1]}")
+        n = self.budget.acquire(source.nbytes)
+        try:
+            tensor = self.make(source.param, source.dtype)
+            if source.factory is not None:
+                tensor = _pieces(source.factory, tensor)[source.piece].data
+            tensor = tensor.reshape(write_item.tensor_data.chunk.sizes)
+            if not tensor.is_contiguous() or tensor.untyped_storage().nbytes() != tensor.nbytes:
+                tensor = tensor.clone(memory_format=torch.contiguous_format)  # exactly its own storage
+        except BaseException:
+            self.budget.release(n)
+            raise
+        self._held.item = (tensor, n)
+        self.progress.update(tensor.nbytes)
+        return tensor
+
+    def finish_writing(self) -> None:
+        self._release()
+
+
+class _OnDemandStrategy(TorchDistSaveShardedStrategy):
+    """megatron-core's torch_dist save strategy (same files, same metadata.json) with torch's own
+    FileSystemWriter, which asks the planner for one tensor at a time (megatron's asynchronous writer
+    resolves every tensor of the rank up front)."""
+
+    def __init__(self, planner: _OnDemandPlanner, threads: int):
+        super().__init__("torch_dist", 1, thread_count=threads)
+        self.planner = planner
+
+    def async_save(self, sharded_state_dict, checkpoint_dir):  # pragma: no cover - never asked for
+        raise NotImplementedError("the streaming conversion saves synchronously")
+
+    def save(self, sharded_state_dict, checkpoint_dir: Path) -> None:
+        flat, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, keep_only_main_replica=True)
+        pyt_state = mcore_to_pyt_state_dict(flat, False)
+        writer = FileSystemWriter(str(checkpoint_dir), thread_count=self.thread_count)
+        try:
+            dcp.save(pyt_state, storage_writer=writer, planner=self.planner)
+        finally:
+            self.planner.finish_writing()
+
+
+def convert_hf_to_megatron(bridge, output: Path, dtype: Optional[torch.dtype] = None, layout: Optional[Dict] = None,
+                           overwrite: bool = False, quiet: bool = False, threads: Optional[int] = None,
+                           budget: int = DEFAULT_BUDGET) -> None:
+    """Write the Megatron checkpoint of `bridge`'s HF directory to `output`, streaming (see module doc)."""
+    from bridge import checkpoint
+
+    rank, ranks = world()
+    model = meta_model(bridge, dtype or bridge.default_dtype())
+    state = checkpoint.sharded_state(model)
+    sources, mine = plan_hf_to_megatron(state["model"], rank, ranks)
+    progress = Progress(mine[0], mine[1], "hf -> megatron", quiet or rank != 0)
+    rules = bridge.rule_table()
+    dims = bridge._dims(bridge._language_model(model))
+
+    def make(param: str, dtype: torch.dtype) -> torch.Tensor:
+        rule = rules.get(param)
+        if rule is None:
+            raise ConversionError(f"megatron parameter {param!r} has no HF source in the name table")
+        return bridge.megatron_tensor(rule, dims).to(dtype)
+
+    planner = _OnDemandPlanner(make, sources, ByteBudget(budget), progress)
+    try:
+        bridge.save_megatron_model(model, output, layout=layout, overwrite=overwrite, sharded_state=lambda: state,
+                                   strategy=_OnDemandStrategy(planner, threads or default_threads()))
+    finally:
+        progress.close()
