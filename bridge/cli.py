@@ -1,7 +1,11 @@
 """`convert-hf-to-mcore` and `convert-mcore-to-hf` (and the shared runner of `bridge-verify`).
 
-Both run in one plain process (a one-process gloo group is created) or under torchrun (the given
-group is used). Outputs are written to a hidden sibling and renamed into place only when complete.
+Both stream (bridge/streaming.py): memory stays bounded by a budget of about 1 GiB of tensors in
+flight, whatever the model's depth; reading, transforming and writing overlap on `--threads`
+threads. They run in one plain process (a one-process gloo group is created) or under torchrun
+(the given group is used), where each rank converts its share of the tensors (reads only those).
+A tqdm progress bar (bytes, tensors/s) shows on rank 0 unless `--quiet`. Outputs are written to a
+hidden sibling and renamed into place only when complete.
 
 Failures: every failure ends with one line on stderr (`error: ...`, naming the file / tensor / field
 and what was expected) and a non-zero exit, and leaves no output directory; `--debug` shows the
@@ -98,28 +102,40 @@ def _preflight_hf(args: argparse.Namespace):
     return cfg
 
 
+def _import_megatron() -> None:
+    """Import megatron-core with its `@jit_fuser` (torch.compile) decorators made no-ops: importing
+    torch's compiler for them takes about 5 of the 9 seconds megatron's import costs on a small
+    machine, and a conversion never runs a fused kernel. Only the conversion CLIs do this."""
+    import torch
+
+    compile_ = torch.compile
+    torch.compile = lambda model=None, **kwargs: model if model is not None else (lambda fn: fn)
+    try:
+        import megatron.core.dist_checkpointing  # noqa: F401
+        import megatron.core.models.mamba  # noqa: F401
+    finally:
+        torch.compile = compile_
+
+
 def _hf_to_mcore(args: argparse.Namespace) -> None:
     from conversion import hf_config
 
     cfg = _preflight_hf(args)
-    from bridge.parallel import check_layout  # imports megatron
+    _import_megatron()
+    from bridge.parallel import check_layout
 
     check_layout(hf_config.provider_fields(cfg), tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp, vpp=args.vpp)
 
     from bridge import AutoBridge
     from bridge.auto_bridge import DTYPES
-    from bridge.parallel import ensure_parallel_state
+    from bridge.streaming import convert_hf_to_megatron, world
 
     bridge = AutoBridge.from_hf_pretrained(args.hf_path)
     bridge.checkpoint  # open and validate the weights before building anything
-    ensure_parallel_state()
-    provider = bridge.to_megatron_provider(dtype=DTYPES[args.dtype] if args.dtype else None)
-    provider.perform_initialization = False  # every parameter is overwritten from the HF files
-    model = provider.provide()
-    bridge.load_hf_weights(model)
     layout = {"tp": args.tp, "pp": args.pp, "ep": args.ep, "etp": args.etp, "vpp": args.vpp}
-    bridge.save_megatron_model(model, args.output, layout=layout, overwrite=args.overwrite)
-    if not args.quiet:
+    convert_hf_to_megatron(bridge, Path(args.output), dtype=DTYPES[args.dtype] if args.dtype else None,
+                           layout=layout, overwrite=args.overwrite, quiet=args.quiet, threads=args.threads)
+    if not args.quiet and world()[0] == 0:
         print(f"wrote Megatron checkpoint {args.output}")
 
 
@@ -146,19 +162,23 @@ def _preflight_mcore(args: argparse.Namespace) -> None:
 
 def _mcore_to_hf(args: argparse.Namespace) -> None:
     _preflight_mcore(args)
+    _import_megatron()
     from bridge import AutoBridge
+    from bridge.streaming import convert_megatron_to_hf, world
 
     bridge = AutoBridge.from_megatron_checkpoint(args.mcore_path)
-    model = AutoBridge.load_megatron_model(args.mcore_path)
-    bridge.save_hf_pretrained(model, args.output, overwrite=args.overwrite)
-    if not args.quiet:
+    convert_megatron_to_hf(bridge, Path(args.mcore_path), Path(args.output), overwrite=args.overwrite,
+                           quiet=args.quiet, threads=args.threads)
+    if not args.quiet and world()[0] == 0:
         print(f"wrote Hugging Face checkpoint {args.output}")
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", required=True, help="output directory (must not exist or be empty)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    parser.add_argument("--quiet", action="store_true", help="no progress output")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar (for logs)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="reader / writer threads per process (default: the cores, 2 to 4)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
 
 

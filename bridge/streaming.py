@@ -31,6 +31,7 @@ safetensors files, which rank 0 laid out).
 from __future__ import annotations
 
 import io
+import json
 import os
 import pickle
 import threading
@@ -52,7 +53,9 @@ from megatron.core.dist_checkpointing.strategies.torch import (
 from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.planner import WriteItemType
 
+from bridge.checkpoint import _all_ok, _any_error
 from conversion.errors import ConversionError
+from conversion.transforms import to_hf
 
 DEFAULT_BUDGET = 1024**3
 
@@ -306,3 +309,256 @@ def convert_hf_to_megatron(bridge, output: Path, dtype: Optional[torch.dtype] = 
                                    strategy=_OnDemandStrategy(planner, threads or default_threads()))
     finally:
         progress.close()
+
+
+# ---------------------------------------------------------------------------- Megatron -> HF
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles torch.distributed.checkpoint's `.metadata` allowing only its own classes, torch
+    sizes / dtypes / layouts and paths: a hostile checkpoint cannot run code through it."""
+
+    _ALLOWED_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem",
+                        "torch.distributed.checkpoint.planner")
+    _ALLOWED = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
+                ("pathlib", "PurePosixPath"), ("collections", "OrderedDict"), ("builtins", "set"),
+                ("builtins", "frozenset")}
+
+    def find_class(self, module: str, name: str):
+        if module in self._ALLOWED_MODULES or (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in checkpoint metadata")
+
+
+class _FileWindow(io.RawIOBase):
+    """Bytes [start, start + length) of an open file as a seekable read-only file (os.pread), so
+    torch.load reads one record straight into its tensor without a copy of the whole record."""
+
+    def __init__(self, fd: int, start: int, length: int):
+        self.fd, self.start, self.length, self.pos = fd, start, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.length}[whence]
+        self.pos = max(0, base + offset)
+        return self.pos
+
+    def readinto(self, buffer) -> int:
+        view = memoryview(buffer).cast("B")
+        n = max(0, min(len(view), self.length - self.pos))
+        done = 0
+        while done < n:
+            got = os.preadv(self.fd, [view[done:n]], self.start + self.pos + done)
+            if got == 0:
+                raise EOFError("checkpoint file ends early")
+            done += got
+        self.pos += done
+        return done
+
+
+class DcpReader:
+    """Reads any region of any tensor of a torch.distributed.checkpoint directory (the format of
+    megatron-core's torch_dist checkpoints), touching only the chunks that overlap it."""
+
+    def __init__(self, ckpt_dir: Path):
+        self.dir = Path(ckpt_dir)
+        path = self.dir / ".metadata"
+        try:
+            with open(path, "rb") as f:
+                metadata = _MetadataUnpickler(f).load()
+            self.tensors = metadata.state_dict_metadata
+            self.storage = {(index.fqn, tuple(index.offset or ())): info for index, info in metadata.storage_data.items()}
+        except FileNotFoundError:
+            raise ConversionError(f"{path}: missing (expected torch.distributed.checkpoint metadata)") from None
+        except Exception as e:  # noqa: BLE001 - any malformed metadata is one error
+            raise ConversionError(f"{path}: not valid torch.distributed.checkpoint metadata ({e})") from None
+        self._fds: Dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def _fd(self, relative_path: str) -> int:
+        with self._lock:
+            if relative_path not in self._fds:
+                path = (self.dir / relative_path).resolve()
+                if self.dir.resolve() not in path.parents:
+                    raise ConversionError(f"{self.dir}/.metadata: data file {relative_path!r} escapes the checkpoint directory")
+                self._fds[relative_path] = os.open(path, os.O_RDONLY)
+            return self._fds[relative_path]
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+    def _chunk(self, fqn: str, chunk) -> torch.Tensor:
+        info = self.storage.get((fqn, tuple(chunk.offsets)))
+        if info is None:
+            raise ConversionError(f"{self.dir}: no data recorded for {fqn!r} at offset {tuple(chunk.offsets)}")
+        if getattr(info, "transform_descriptors", None):
+            raise ConversionError(f"{self.dir / info.relative_path}: {fqn!r} is stored with transforms "
+                                  f"{info.transform_descriptors} (compressed checkpoints are not supported)")
+        try:
+            tensor = torch.load(_FileWindow(self._fd(info.relative_path), info.offset, info.length),
+                                map_location="cpu", weights_only=True)
+        except ConversionError:
+            raise
+        except Exception as e:  # noqa: BLE001 - truncated / corrupt record
+            raise ConversionError(f"{self.dir / info.relative_path}: cannot read {fqn!r} at offset "
+                                  f"{tuple(chunk.offsets)} ({type(e).__name__}: {e})") from None
+        if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != tuple(chunk.sizes):
+            raise ConversionError(f"{self.dir / info.relative_path}: {fqn!r} at offset {tuple(chunk.offsets)} holds "
+                                  f"{getattr(tensor, 'shape', type(tensor).__name__)}, the metadata says {tuple(chunk.sizes)}")
+        return tensor
+
+    def read(self, fqn: str, offsets: Sequence[int], sizes: Sequence[int]) -> torch.Tensor:
+        """The region `offsets` + `sizes` of the global tensor `fqn`."""
+        meta = self.tensors.get(fqn)
+        if meta is None or not hasattr(meta, "chunks"):
+            raise ConversionError(f"{self.dir}: Megatron checkpoint has no tensor {fqn!r}")
+        if len(offsets) != len(meta.size) or any(o + s > g for o, s, g in zip(offsets, sizes, meta.size)):
+            raise ConversionError(f"{self.dir}: tensor {fqn!r} is {tuple(meta.size)}; the model expects a region "
+                                  f"{tuple(sizes)} at {tuple(offsets)} (the checkpoint is of another model size)")
+        out, covered = None, 0
+        for chunk in meta.chunks:
+            lo = [max(a, b) for a, b in zip(chunk.offsets, offsets)]
+            hi = [min(a + n, b + m) for a, n, b, m in zip(chunk.offsets, chunk.sizes, offsets, sizes)]
+            if any(h <= lo_ for lo_, h in zip(lo, hi)) and len(sizes) > 0:
+                continue
+            data = self._chunk(fqn, chunk)
+            if tuple(chunk.offsets) == tuple(offsets) and tuple(chunk.sizes) == tuple(sizes):
+                return data.contiguous()  # the usual case: the region is one chunk
+            if out is None:
+                out = torch.empty(tuple(sizes), dtype=data.dtype)
+            src = data[tuple(slice(l - c, h - c) for l, h, c in zip(lo, hi, chunk.offsets))]
+            out[tuple(slice(l - o, h - o) for l, h, o in zip(lo, hi, offsets))] = src
+            n = 1
+            for l, h in zip(lo, hi):
+                n *= h - l
+            covered += n
+        expected = 1
+        for s in sizes:
+            expected *= s
+        if out is None or covered != expected:
+            raise ConversionError(f"{self.dir}: the chunks of {fqn!r} do not cover the region {tuple(sizes)} at "
+                                  f"{tuple(offsets)} (the checkpoint is incomplete)")
+        return out
+
+
+def _read_entry(reader: DcpReader, entry) -> torch.Tensor:
+    """One parameter of the model (TP = 1) from the checkpoint: a ShardedTensor's region, or a
+    factory's pieces merged by the factory's own merge function."""
+    if isinstance(entry, ShardedTensorFactory):
+        loaded = [_read_entry(reader, piece) for piece in _pieces(entry, entry.data)]
+        return entry.merge_fn(loaded)
+    sizes = (1,) * entry.prepend_axis_num + tuple(entry.local_shape)
+    return reader.read(entry.key, entry.global_offset, sizes).reshape(entry.local_shape)
+
+
+def convert_megatron_to_hf(bridge, src: Path, output: Path, overwrite: bool = False, quiet: bool = False,
+                           threads: Optional[int] = None, budget: int = DEFAULT_BUDGET) -> None:
+    """Write the HF checkpoint of the converted Megatron checkpoint `src` to `output`, streaming.
+
+    Rank 0 creates the hidden output directory and lays out the safetensors files; every rank
+    writes its share of the tensors into them; rank 0 adds config.json, the index and the assets
+    and renames the directory into place once every rank succeeded.
+    """
+    from bridge import checkpoint
+    from bridge.parallel import broadcast_from_rank0
+    from conversion.safetensors_io import SafetensorsWriter, atomic_output_dir, dtype_from_name
+
+    rank, ranks = world()
+    meta = checkpoint.read_meta(src)
+    model = meta_model(bridge, dtype_from_name(meta["params_dtype"]), meta.get("padded_vocab_size"))
+    entries = _param_entries(checkpoint.sharded_state(model)["model"])
+    rules = bridge.rules()
+    dims = bridge._dims(bridge._language_model(model))
+    specs = bridge.hf_specs()
+    sizes = [sum(nbytes_of(specs[h][2], specs[h][1]) for h in r.hf) for r in rules]
+    owners = assign(sizes, ranks)
+    mine = [r for r, owner in zip(rules, owners) if owner == rank]
+
+    context = tmp = None
+    if rank == 0:
+        try:
+            context = atomic_output_dir(output, overwrite=overwrite)
+            tmp = context.__enter__()
+            SafetensorsWriter(tmp, specs).create()
+        except BaseException as e:
+            if context is not None:
+                context.__exit__(type(e), e, e.__traceback__)
+            if ranks > 1:
+                broadcast_from_rank0(("error", str(e)))
+            raise
+    if ranks > 1:
+        status, value = broadcast_from_rank0(("ok", str(tmp)) if rank == 0 else None)
+        if status != "ok":
+            raise ConversionError(f"rank 0 could not create {output}: {value}")
+        tmp = Path(value)
+    writer = SafetensorsWriter(tmp, specs)
+    reader = DcpReader(checkpoint.checkpoint_dir(src))
+    progress = Progress(sum(s for s, o in zip(sizes, owners) if o == rank), sum(len(r.hf) for r in mine),
+                        "megatron -> hf", quiet or rank != 0)
+    limiter = ByteBudget(budget)
+
+    def convert(rule) -> None:
+        entry = entries.get(rule.megatron)
+        if entry is None:
+            raise ConversionError(f"megatron model has no parameter {rule.megatron!r} to export")
+        with limiter.hold(nbytes_of(entry.data.shape, entry.data.dtype)):
+            full = _read_entry(reader, entry)
+            for name, tensor in zip(rule.hf, to_hf(rule.kind, full, dims)):
+                writer.write(name, tensor.to(specs[name][1]))
+                progress.update(tensor.nbytes)
+
+    def convert_share() -> None:
+        _run_all(convert, mine, threads or default_threads())
+        writer.close()
+        missing = sorted({h for r in mine for h in r.hf} - writer.written)
+        if missing:
+            raise ConversionError(f"export did not produce {len(missing)} tensor(s), e.g. {missing[0]!r}")
+
+    try:
+        if ranks == 1:
+            convert_share()
+        else:
+            error = _any_error(_all_ok(convert_share))
+            if error:
+                raise ConversionError(f"writing the Hugging Face checkpoint {output} failed: {error}")
+        if rank == 0:
+            bridge._copy_assets(tmp)
+            (tmp / "config.json").write_text(json.dumps(bridge.export_config(model), indent=2) + "\n")
+            writer.write_index()
+    except BaseException as e:
+        if context is not None:
+            context.__exit__(type(e), e, e.__traceback__)
+        raise
+    finally:
+        writer.close(fsync=False)
+        reader.close()
+        progress.close()
+    if context is not None:
+        context.__exit__(None, None, None)  # the atomic rename
+    if ranks > 1:
+        dist.barrier()  # the output is in place on every rank's return
+
+
+def _run_all(fn: Callable, items: Sequence, threads: int) -> None:
+    """fn(item) for every item on `threads` worker threads. The first failure (or Ctrl-C) cancels
+    the items not started yet and is raised once the running ones finish."""
+    pool = ThreadPoolExecutor(max_workers=threads)
+    try:
+        for future in [pool.submit(fn, item) for item in items]:
+            future.result()
+    except BaseException:
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)

@@ -341,7 +341,7 @@ class SafetensorsWriter:
                 self.offsets[n] = start + entries[n]["data_offsets"][0]
         self._fds: Dict[str, int] = {}
         self._lock = threading.Lock()
-        self._written: set = set()
+        self.written: set = set()
 
     def create(self) -> None:
         for file_name, header in self.headers.items():
@@ -363,13 +363,13 @@ class SafetensorsWriter:
             raise ConversionError(f"export produced tensor {name!r} as {tensor.dtype} {tuple(tensor.shape)}, "
                                   f"expected {dtype} {tuple(shape)}")
         with self._lock:
-            if name in self._written:
+            if name in self.written:
                 raise ConversionError(f"export produced tensor {name!r} twice")
-            self._written.add(name)
+            self.written.add(name)
         _write_exactly(self._fd(file_name), tensor.detach().cpu().contiguous(), self.offsets[name])
 
     def missing(self) -> List[str]:
-        return sorted(set(self.specs) - self._written)
+        return sorted(set(self.specs) - self.written)
 
     def close(self, fsync: bool = True) -> None:
         with self._lock:
