@@ -342,6 +342,7 @@ class SafetensorsWriter:
         self._fds: Dict[str, int] = {}
         self._lock = threading.Lock()
         self.written: set = set()
+        self._paused = False
 
     def create(self) -> None:
         for file_name, header in self.headers.items():
@@ -367,6 +368,9 @@ class SafetensorsWriter:
                 raise ConversionError(f"export produced tensor {name!r} twice")
             self.written.add(name)
         _write_exactly(self._fd(file_name), tensor.detach().cpu().contiguous(), self.offsets[name])
+        if not self._paused:
+            self._paused = True
+            pause_for_tests("mid-export")
 
     def missing(self) -> List[str]:
         return sorted(set(self.specs) - self.written)
@@ -401,12 +405,8 @@ def write_hf_weights(out_dir: Path, tensors: Iterator[Tuple[str, torch.Tensor]],
     writer = SafetensorsWriter(out_dir, specs)
     writer.create()
     try:
-        first_file = None
         for name, tensor in tensors:
             writer.write(name, tensor)
-            if first_file is None:
-                first_file = name
-                pause_for_tests("after-first-file")
     finally:
         writer.close()
     missing = writer.missing()
@@ -445,8 +445,8 @@ TEST_PAUSE_ENV = "BRIDGE_TEST_PAUSE"        # tests: "POINT:MARKER_FILE" -> at P
 def pause_for_tests(point: str) -> None:
     """Test hook for the interruption tests: with BRIDGE_TEST_PAUSE=POINT:FILE, create FILE at POINT
     and sleep (up to 10 minutes) so that the test can kill or interrupt the process there. Points:
-    `before-rename` (the output is complete in its temporary directory) and `after-first-file` (the
-    export has written its first safetensors file). Unset (always, outside tests): does nothing."""
+    `before-rename` (the output is complete in its temporary directory) and `mid-export` (the
+    export has laid out its safetensors files and written its first tensor). Unset (always, outside tests): does nothing."""
     spec = os.environ.get(TEST_PAUSE_ENV)
     if not spec or spec.split(":", 1)[0] != point:
         return
