@@ -24,11 +24,24 @@ Data:
 * `--synthetic`: a small random multimodal dataset (text, image, audio and image+audio samples with
   the placeholder counts their features fill; `--synthetic-samples` of them, repeated), so the
   example runs with no files. The loss is taken on the second half of each sequence (the "answer").
-* `--data FILE.jsonl`: one conversation per line, `{"messages": [{"role": "user", "content": "..."},
-  {"role": "assistant", "content": "..."}], "images": ["a.jpg"], "audios": ["a.wav"]}`, turned into
-  inputs by the checkpoint's transformers processor (`AutoProcessor`: its chat template, image
-  processor and feature extractor; the media placeholders `<image>` / `<so_embedding>` in the text
-  are expanded by it); loss on the last assistant turn. Needs the tokenizer / processor files in HF_DIR.
+* `--data FILE.jsonl`: one conversation per line,
+
+      {"messages": [{"role": "user", "content": "<image><so_embedding>What is this?"},
+                    {"role": "assistant", "content": "A cat, purring."}],
+       "images": ["media/cat.png"], "audios": ["media/purr.wav"]}
+
+  with one `<image>` / `<so_embedding>` placeholder per file, in the prompt, in order (file paths
+  relative to the JSONL file). Each is turned into inputs as transformers' processor does for a chat:
+  the tokenizer's chat template renders the text, and the checkpoint's `NemotronH_Omni_Reasoning_V3Processor`
+  (`_common.load_processor`; its image processor needs torchvision, which `_common.OmniImageProcessor`
+  replaces where it is missing) expands each placeholder to its run of image / audio tokens,
+  tokenises, and computes `pixel_values` / `image_grid_hw` (Pillow opens the images) and the Parakeet
+  mel features (WAV files are read with the standard library at the processor's sampling rate,
+  other files with transformers' `load_audio`). The loss covers the last assistant message (the
+  tokens after the prompt rendered with the generation prompt). Needs the tokenizer in HF_DIR (its
+  chat template when it has one) and, for media, the processor config (`processor_config.json`). Checked by
+  `tests/test_examples_jsonl.py`: tokens, placeholder counts, pixels, features and loss mask as
+  expected, and a step-1 loss equal to transformers' model on the same samples.
 
 Freezing: `--freeze-language-model`, `--freeze-vision-model`, `--freeze-vision-projection`,
 `--freeze-sound-encoder`, `--freeze-sound-projection` set the provider's fields of the same names
@@ -217,14 +230,35 @@ def synthetic_samples(provider, vocab: int, args) -> List[dict]:
     return samples
 
 
-def jsonl_samples(path: str, hf_path: str, args) -> List[dict]:
-    """Conversations -> samples with the checkpoint's processor (see the module docstring)."""
-    from transformers import AutoProcessor, AutoTokenizer
+def open_image(path: Path):
+    try:
+        from PIL import Image
+    except ImportError:
+        raise SystemExit(f"error: {path}: reading image files needs Pillow (pip install pillow)") from None
+    with Image.open(path) as image:
+        image.load()
+        return image
 
-    records = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-    media = any(r.get("images") or r.get("audios") for r in records)
-    proc = AutoProcessor.from_pretrained(hf_path) if media else AutoTokenizer.from_pretrained(hf_path)
-    tok = getattr(proc, "tokenizer", proc)
+
+def jsonl_samples(path: str, hf_path: str, args, provider=None) -> List[dict]:
+    """Conversations -> samples, the way transformers' processor makes them for a chat (see the module
+    docstring). `provider` (when given) is checked against the tokenizer's placeholder ids."""
+    from _common import load_processor, load_tokenizer, read_audio
+
+    path = Path(path)
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    processor = load_processor(hf_path)  # None: a checkpoint with a tokenizer only (text conversations)
+    tok = processor.tokenizer if processor is not None else load_tokenizer([hf_path])
+    if tok is None:
+        raise SystemExit(f"error: --data needs the tokenizer files (tokenizer.json, ...) in {hf_path}")
+    if processor is None and any(r.get("images") or r.get("audios") for r in records):
+        raise SystemExit(f"error: {path} has images / audio clips but {hf_path} has no processor_config.json "
+                         "(image processor, feature extractor)")
+    if processor is not None and provider is not None:
+        for what, got, want in (("image", processor.image_token_id, getattr(provider, "image_token_index", None)),
+                                ("audio", processor.audio_token_id, getattr(provider, "sound_context_token_id", None))):
+            if want is not None and got != want:
+                raise SystemExit(f"error: the tokenizer's {what} placeholder has id {got}, the model's is {want}")
 
     def render(messages, generation_prompt):
         if getattr(tok, "chat_template", None):
@@ -232,37 +266,51 @@ def jsonl_samples(path: str, hf_path: str, args) -> List[dict]:
         text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
         return text + ("assistant: " if generation_prompt else "")
 
-    def encode(text, record):
-        kwargs = {}
-        if record.get("images"):
-            from PIL import Image
-
-            kwargs["images"] = [Image.open(p).convert("RGB") for p in record["images"]]
-        if record.get("audios"):
-            kwargs["audio"] = list(record["audios"])
-        if kwargs:
-            return proc(text=text, return_tensors="pt", **kwargs)
-        return tok(text, return_tensors="pt", add_special_tokens=False)
+    def encode(text, images, clips):
+        # special tokens as the processor's apply_chat_template(tokenize=True) decides: none when the
+        # rendered text already starts with the BOS token
+        special = not (tok.bos_token and text.startswith(tok.bos_token))
+        if processor is None:
+            return tok(text, add_special_tokens=special, return_tensors="pt")
+        return processor(text=text, images=images or None, audio=clips or None, add_special_tokens=special,
+                         return_tensors="pt")
 
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     samples = []
-    for record in records:
+    for line, record in enumerate(records, 1):
+        where = f"{path}:{line}"
         messages = record["messages"]
-        full = encode(render(messages, False), record)
-        prompt_len = encode(render(messages[:-1], True), record)["input_ids"].shape[1]
-        ids = full["input_ids"][0]
+        if not messages or messages[-1]["role"] != "assistant":
+            raise SystemExit(f"error: {where}: the last message must be the assistant's answer (the loss is on it)")
+        # media paths are relative to the JSONL file
+        images = [open_image(path.parent / name) for name in record.get("images") or []]
+        clips = [read_audio(path.parent / name, processor.audio_sampling_rate) for name in record.get("audios") or []]
+        prompt, full = render(messages[:-1], True), render(messages, False)
+        if not full.startswith(prompt):
+            raise SystemExit(f"error: {where}: the chat template does not render the prompt as a prefix of the "
+                             "whole conversation; cannot tell the answer's tokens")
+        if processor is not None:
+            for token, items in ((processor.image_token, images), (processor.audio_token, clips)):
+                if full.count(token) != len(items) or token in full[len(prompt):]:
+                    raise SystemExit(f"error: {where}: {len(items)} media file(s) but {full.count(token)} {token} "
+                                     "placeholder(s) in the text (each file needs one, in a prompt message)")
+        inputs = encode(full, images, clips)
+        ids = inputs["input_ids"][0]
+        prompt_ids = encode(prompt, images, clips)["input_ids"][0]
+        if not torch.equal(ids[:len(prompt_ids)], prompt_ids):
+            raise SystemExit(f"error: {where}: the prompt's tokens are not a prefix of the conversation's")
         n = min(ids.shape[0], args.seq_length + 1)
+        if n <= len(prompt_ids) or (n < ids.shape[0] and (images or clips)):
+            raise SystemExit(f"error: {where}: {ids.shape[0]} tokens do not fit in --seq-length {args.seq_length} "
+                             "(the answer would be cut off, or media placeholders cut)")
         tokens = torch.full((args.seq_length + 1,), pad, dtype=torch.long)
         tokens[:n] = ids[:n]
         loss_mask = torch.zeros(args.seq_length)
-        loss_mask[max(prompt_len - 1, 0):n - 1] = 1
+        loss_mask[len(prompt_ids) - 1:n - 1] = 1  # the labels of the answer's tokens (and what follows it)
         sample = dict(tokens=tokens[:-1], labels=tokens[1:], loss_mask=loss_mask)
         for key in ("pixel_values", "image_grid_hw", "input_features", "input_features_mask"):
-            if key in full:
-                sample[key] = full[key]
-        if n < ids.shape[0] and len(sample) > 3:
-            raise SystemExit(f"error: {path}: a sample with media is longer than --seq-length {args.seq_length}; "
-                             "truncating it would cut placeholder tokens")
+            if key in inputs:
+                sample[key] = inputs[key]
         samples.append(sample)
     return samples
 
@@ -481,7 +529,10 @@ def main(argv=None) -> int:
                          "embeddings into the full sequence but does not yet split the result across "
                          "context-parallel ranks (providers/omni_model.py)")
     vocab = bridge.config.text["vocab_size"]
-    samples = synthetic_samples(provider, vocab, args) if args.synthetic else jsonl_samples(args.data, args.hf_path, args)
+    if args.synthetic:
+        samples = synthetic_samples(provider, vocab, args)
+    else:
+        samples = jsonl_samples(args.data, args.hf_path, args, provider)
     args.resume_found = bool(args.resume and (Path(args.output) / TRACKER).is_file())
     return train(args, bridge, provider, samples, layout)
 
