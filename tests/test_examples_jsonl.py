@@ -1,0 +1,308 @@
+"""examples/finetune.py on a JSONL of conversations with real image (PNG) and audio (WAV) files, on a
+tiny Omni checkpoint that carries a tokenizer, a chat template and a processor config, all built here
+offline (no download).
+
+* The samples the reader builds are checked against what they must be, computed independently: the
+  token ids by hand (the test tokenizer is byte-level: one token per byte, id = 20 + byte, plus the
+  special tokens below), the placeholder runs from the image grids and from the reference model's
+  sound encoder, the loss mask on the answer's tokens, the pixel values of an image that needs no
+  resizing by hand, the mel features from transformers' feature extractor on the waveform the test
+  wrote.
+* The script trains 3 steps on them, and its step-1 loss (global batch 4 = the 4 records, micro-batches
+  of 2, so media of two samples are batched and audio features padded) equals the loss of transformers'
+  reference model on the same samples.
+* The torch-only image processor of the examples equals transformers' torchvision-backed one, where
+  torchvision imports (it does not in this project's CPU environment; the test then skips).
+* generate.py's `--image` / `--audio` file loaders give the same inputs as the processor.
+
+Needs Pillow (to write and read the PNG files); skipped without it.
+"""
+
+import json
+import math
+import sys
+import wave
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from bridge.tiny_models import AUDIO_TOKEN, IMAGE_TOKEN, VIDEO_TOKEN, build_hf_omni_model, save_hf_model
+
+Image = pytest.importorskip("PIL.Image", reason="image files need Pillow")
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "examples"))
+
+# special tokens: ids 0..13 (the placeholders at the tiny config's ids), then byte b -> 20 + b
+SPECIAL = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, "<mask>": 4, "<image>": IMAGE_TOKEN, "<video>": VIDEO_TOKEN,
+           "<so_embedding>": AUDIO_TOKEN, "<img>": 8, "</img>": 9, "<so_start>": 10, "<so_end>": 11,
+           "<|im_start|>": 12, "<|im_end|>": 13}
+BYTE0 = 20
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
+IMAGE_PROCESSOR = {"image_processor_type": "NemotronH_Omni_Reasoning_V3ImageProcessor", "patch_size": 4,
+                   "downsample_ratio": 0.5, "min_num_patches": 16, "max_num_patches": 64, "max_model_len": 64,
+                   "do_convert_rgb": True, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+                   "image_mean": CLIP_MEAN, "image_std": CLIP_STD, "resample": 3}
+RATE = 16000
+
+
+def byte_level_tokenizer():
+    """A `PreTrainedTokenizerFast`: byte-level BPE without merges, the special tokens above, ChatML."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    shifted = iter(range(256, 512))  # GPT-2's byte -> unicode map
+    byte_chars = {b: chr(b) if b in printable else chr(next(shifted)) for b in range(256)}
+    vocab = dict(SPECIAL, **{byte_chars[b]: BYTE0 + b for b in range(256)})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>", additional_special_tokens=list(SPECIAL)[5:],
+                                   chat_template=CHAT_TEMPLATE)
+
+
+def write_checkpoint(hf_dir: Path) -> None:
+    save_hf_model(build_hf_omni_model(seed=1), hf_dir)
+    byte_level_tokenizer().save_pretrained(str(hf_dir))
+    # what transformers 5.x's NemotronH_Omni_Reasoning_V3Processor.save_pretrained writes (checked by hand
+    # with torchvision): the sub-processors' configs nested in processor_config.json
+    (hf_dir / "processor_config.json").write_text(json.dumps({
+        "processor_class": "NemotronH_Omni_Reasoning_V3Processor", "audio_sampling_rate": RATE,
+        "audio_subsampling_factor": 8, "audio_hop_length": 160, "video_temporal_patch_dim": 2,
+        "image_processor": IMAGE_PROCESSOR,
+        "feature_extractor": {"feature_extractor_type": "ParakeetFeatureExtractor", "feature_size": 16,
+                              "sampling_rate": RATE, "hop_length": 160, "n_fft": 512, "win_length": 400,
+                              "preemphasis": 0.97, "padding_side": "right", "padding_value": 0.0,
+                              "return_attention_mask": True},
+        "video_processor": {"video_processor_type": "NemotronH_Omni_Reasoning_V3VideoProcessor", "patch_size": 4,
+                            "downsample_ratio": 0.5}}, indent=1))
+
+
+def write_wav(path: Path, samples: np.ndarray, channels: int = 1, width: int = 2) -> np.ndarray:
+    """`samples` in [-1, 1] as PCM; returns the float waveform a reader must get back (mono)."""
+    scale = 2 ** (8 * width - 1)
+    ints = np.clip(np.round(samples * scale), -scale, scale - 1).astype(np.int64)
+    raw = ints.astype("<i4").view(np.uint8).reshape(-1, 4)[:, :width] if width > 2 else ints.astype(f"<i{width}")
+    with wave.open(str(path), "wb") as f:
+        f.setnchannels(channels), f.setsampwidth(width), f.setframerate(RATE)
+        f.writeframes(np.ascontiguousarray(raw).tobytes())
+    # what libsndfile returns (ints / 2^(bits-1), float32), averaged over channels
+    back = (ints.astype(np.float64) / scale).astype(np.float32).reshape(-1, channels)
+    return back.mean(axis=1) if channels > 1 else back[:, 0]
+
+
+def ids(text: str):
+    return [BYTE0 + b for b in text.encode()]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    work = tmp_path_factory.mktemp("jsonl")
+    write_checkpoint(work / "hf")
+    g = np.random.default_rng(0)
+    media = work / "media"
+    media.mkdir()
+    # 16x32 RGBA (half transparent): no resize (4x8 patches of 4 px -> 8 image tokens)
+    rgba = g.integers(0, 256, (16, 32, 4), dtype=np.uint8)
+    rgba[..., 3] = np.where(g.random((16, 32)) < 0.5, 255, 0)
+    Image.fromarray(rgba, "RGBA").save(media / "cat.png")
+    Image.fromarray(g.integers(0, 256, (13, 21, 3), dtype=np.uint8), "RGB").save(media / "dog.png")  # -> 4x6
+    waves = {"hello.wav": write_wav(media / "hello.wav", 0.5 * np.sin(np.arange(4800) * 0.05)),
+             "noise.wav": write_wav(media / "noise.wav", g.uniform(-0.8, 0.8, 2 * 3200), channels=2),
+             "tone24.wav": write_wav(media / "tone24.wav", 0.3 * np.cos(np.arange(2400) * 0.2), width=3)}
+    records = [
+        {"messages": [{"role": "user", "content": "<image><so_embedding>Hi?"},
+                      {"role": "assistant", "content": "A cat."}],
+         "images": ["media/cat.png"], "audios": ["media/hello.wav"]},
+        {"messages": [{"role": "user", "content": "<image>"}, {"role": "assistant", "content": "Dog"}],
+         "images": ["media/dog.png"]},
+        {"messages": [{"role": "user", "content": "<so_embedding><so_embedding>?"},
+                      {"role": "assistant", "content": "Rain"}], "audios": ["media/noise.wav", "media/tone24.wav"]},
+        {"messages": [{"role": "user", "content": "2+2"}, {"role": "assistant", "content": "4"},
+                      {"role": "user", "content": "3+3"}, {"role": "assistant", "content": "6"}]},
+    ]
+    (work / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return SimpleNamespace(work=work, hf=work / "hf", jsonl=work / "train.jsonl", media=media, waves=waves)
+
+
+@pytest.fixture(scope="module")
+def samples(data):
+    import finetune
+    from bridge import AutoBridge
+
+    provider = AutoBridge.from_hf_pretrained(data.hf).to_megatron_provider()
+    samples = finetune.jsonl_samples(str(data.jsonl), str(data.hf), SimpleNamespace(seq_length=64), provider)
+    return SimpleNamespace(list=samples, padded_vocab=provider.padded_vocab_size())
+
+
+def audio_tokens(hf_model, features, mask):
+    """How many embeddings the reference model's sound encoder gives for each clip."""
+    with torch.no_grad():
+        out = hf_model.get_audio_features(features, mask).pooler_output
+    lengths = hf_model.audio_tower._get_subsampling_output_length(mask.sum(-1) + 1)
+    assert out.shape[0] == int(lengths.sum())
+    return lengths.tolist()
+
+
+def check_tokens(sample, expected, answer_from):
+    """tokens / labels / loss_mask of a 64-token sample against the expected ids (the answer starts at
+    index `answer_from`)."""
+    n = len(expected)
+    padded = expected + [SPECIAL["<pad>"]] * (65 - n)
+    assert sample["tokens"].tolist() == padded[:64]
+    assert sample["labels"].tolist() == padded[1:65]
+    assert sample["loss_mask"].tolist() == [float(answer_from - 1 <= i < n - 1) for i in range(64)]
+
+
+def test_samples_are_what_the_processor_must_give(data, samples):
+    from transformers import NemotronH_Omni_Reasoning_V3
+    from transformers.models.parakeet import ParakeetFeatureExtractor
+
+    hf_model = NemotronH_Omni_Reasoning_V3.from_pretrained(str(data.hf), dtype=torch.float32).eval()
+    fe = ParakeetFeatureExtractor(feature_size=16)
+    S = SPECIAL
+    a, b, c, d = samples.list
+
+    # 1: RGBA image (no resize) + 16-bit mono clip
+    assert a["image_grid_hw"].tolist() == [[4, 8]]
+    rgba = np.array(Image.open(data.media / "cat.png")).astype(np.float64)
+    rgb = rgba[..., :3] * rgba[..., 3:] / 255 + 255 * (1 - rgba[..., 3:] / 255)  # on white
+    norm = (rgb / 255 - np.array(CLIP_MEAN)) / np.array(CLIP_STD)  # [16, 32, 3]
+    patches = torch.from_numpy(norm).permute(2, 0, 1).reshape(3, 4, 4, 8, 4).permute(1, 3, 0, 2, 4).reshape(32, 48)
+    torch.testing.assert_close(a["pixel_values"].double(), patches, rtol=0, atol=1e-5)
+    ref = fe([data.waves["hello.wav"]], sampling_rate=RATE, return_tensors="pt")
+    assert torch.equal(a["input_features"], ref["input_features"])
+    assert torch.equal(a["input_features_mask"], ref["attention_mask"])
+    (n_audio,) = audio_tokens(hf_model, a["input_features"], a["input_features_mask"])
+    assert n_audio == 4
+    prompt = ([S["<|im_start|>"]] + ids("user\n") + [S["<img>"]] + [IMAGE_TOKEN] * 8 + [S["</img>"]]
+              + [S["<so_start>"]] + [AUDIO_TOKEN] * n_audio + [S["<so_end>"]] + ids("Hi?") + [S["<|im_end|>"]]
+              + ids("\n") + [S["<|im_start|>"]] + ids("assistant\n"))
+    check_tokens(a, prompt + ids("A cat.") + [S["<|im_end|>"]] + ids("\n"), len(prompt))
+
+    # 2: RGB image resized to a 4x6 grid (its pixels: test_image_processor_matches_transformers)
+    assert b["image_grid_hw"].tolist() == [[4, 6]] and b["pixel_values"].shape == (24, 48)
+    assert "input_features" not in b
+    prompt = ([S["<|im_start|>"]] + ids("user\n") + [S["<img>"]] + [IMAGE_TOKEN] * 6 + [S["</img>"]]
+              + [S["<|im_end|>"]] + ids("\n") + [S["<|im_start|>"]] + ids("assistant\n"))
+    check_tokens(b, prompt + ids("Dog") + [S["<|im_end|>"]] + ids("\n"), len(prompt))
+
+    # 3: two clips (16-bit stereo, 24-bit mono), padded together by the feature extractor
+    ref = fe([data.waves["noise.wav"], data.waves["tone24.wav"]], sampling_rate=RATE, return_tensors="pt")
+    assert torch.equal(c["input_features"], ref["input_features"])
+    assert torch.equal(c["input_features_mask"], ref["attention_mask"])
+    counts = audio_tokens(hf_model, c["input_features"], c["input_features_mask"])
+    assert counts == [3, 2]
+    prompt = ([S["<|im_start|>"]] + ids("user\n") + [S["<so_start>"]] + [AUDIO_TOKEN] * counts[0] + [S["<so_end>"]]
+              + [S["<so_start>"]] + [AUDIO_TOKEN] * counts[1] + [S["<so_end>"]] + ids("?") + [S["<|im_end|>"]]
+              + ids("\n") + [S["<|im_start|>"]] + ids("assistant\n"))
+    check_tokens(c, prompt + ids("Rain") + [S["<|im_end|>"]] + ids("\n"), len(prompt))
+
+    # 4: text only, two turns: the loss is on the last answer only
+    turn = lambda role, text: [S["<|im_start|>"]] + ids(f"{role}\n{text}") + [S["<|im_end|>"]] + ids("\n")  # noqa: E731
+    prompt = (turn("user", "2+2") + turn("assistant", "4") + turn("user", "3+3") + [S["<|im_start|>"]]
+              + ids("assistant\n"))
+    check_tokens(d, prompt + ids("6") + [S["<|im_end|>"]] + ids("\n"), len(prompt))
+    assert set(d) == {"tokens", "labels", "loss_mask"}
+
+
+def test_finetune_script_trains_on_the_jsonl_and_starts_at_the_reference_loss(data, samples):
+    from transformers import NemotronH_Omni_Reasoning_V3
+
+    from tests.test_examples_finetune import losses, run
+
+    # the sound encoder frozen: it then stays in eval mode, so that its batch norm uses the running
+    # statistics as the reference model in eval mode does (in training mode it normalises by the batch's)
+    out = run(["--hf-path", data.hf, "--data", data.jsonl, "--steps", 3, "--lr", "1e-3", "--global-batch-size", 4,
+               "--micro-batch-size", 2, "--seq-length", 64, "--freeze-sound-encoder"])
+    loss = losses(out)
+    assert sorted(loss) == [1, 2, 3] and all(math.isfinite(v) for v in loss.values()), out
+    assert loss[3] < loss[1]
+
+    # step 1 (the checkpoint's weights) = transformers' model on the same 4 samples, one at a time. The
+    # Megatron model's vocab is padded (300 -> 384 rows, zero weights, as Megatron-LM pads it) and its
+    # loss is over the padded vocab: the reference appends those zero logits (the real checkpoint's
+    # vocab, 131072, is a multiple of 128 and is not padded).
+    hf_model = NemotronH_Omni_Reasoning_V3.from_pretrained(str(data.hf), dtype=torch.float32).eval()
+    total, count = 0.0, 0.0
+    with torch.no_grad():
+        for s in samples.list:
+            media = {k: v for k, v in s.items() if k not in ("tokens", "labels", "loss_mask")}
+            logits = hf_model(input_ids=s["tokens"][None], use_cache=False, **media).logits[0].float()
+            logits = torch.nn.functional.pad(logits, (0, samples.padded_vocab - logits.shape[-1]))
+            per_token = torch.nn.functional.cross_entropy(logits, s["labels"], reduction="none")
+            total += float((per_token * s["loss_mask"]).sum())
+            count += float(s["loss_mask"].sum())
+    print(f"step 1 loss {loss[1]:.4f}, transformers {total / count:.4f}; step 3 {loss[3]:.4f}")
+    assert abs(loss[1] - total / count) < 2e-4, (loss[1], total / count)
+
+
+def test_image_processor_matches_transformers(data):
+    """`_common.OmniImageProcessor` == transformers' torchvision-backed image processor on the same
+    images: downscaled, upscaled, unresized, RGBA, grayscale and palette images, alone and in one call
+    (several images of one call share the patch budget). Skipped where torchvision does not import."""
+    try:
+        from transformers.models.nemotron_h_omni.image_processing_nemotron_h_omni import (
+            NemotronH_Omni_Reasoning_V3ImageProcessor,
+        )
+    except Exception as e:  # ImportError without torchvision; a CUDA build of it fails in other ways
+        pytest.skip(f"transformers' Omni image processor needs torchvision: {type(e).__name__}: {e}"[:200])
+    from _common import OmniImageProcessor
+
+    g = np.random.default_rng(1)
+    images = [Image.open(data.media / "cat.png"), Image.open(data.media / "dog.png"),
+              Image.fromarray(g.integers(0, 256, (50, 37, 3), dtype=np.uint8), "RGB"),
+              Image.fromarray(g.integers(0, 256, (9, 40), dtype=np.uint8), "L"),
+              Image.fromarray(g.integers(0, 256, (30, 30), dtype=np.uint8), "L").convert("P")]
+    config = {k: v for k, v in IMAGE_PROCESSOR.items() if k != "image_processor_type"}
+    ours, theirs = OmniImageProcessor(**config), NemotronH_Omni_Reasoning_V3ImageProcessor(**config)
+    for batch in [[im] for im in images] + [images]:
+        got, want = ours(images=batch, return_tensors="pt"), theirs(images=batch, return_tensors="pt")
+        assert torch.equal(got["image_grid_hw"], want["image_grid_hw"])
+        assert torch.equal(got["pixel_values"], want["pixel_values"])
+
+
+def test_generate_file_loaders_give_the_processor_inputs(data, samples):
+    """`_common.load_image` / `load_audio` (generate.py's `--image` / `--audio` files) give the
+    processor's inputs of the same files."""
+    from _common import load_audio, load_image
+
+    a, c = samples.list[0], samples.list[2]
+    image = load_image(data.media / "cat.png", 4, 0.5, [data.hf])
+    assert torch.equal(image["pixel_values"], a["pixel_values"])
+    assert torch.equal(image["image_grid_hw"], a["image_grid_hw"])
+    audio = load_audio(data.media / "hello.wav", [data.hf])
+    assert torch.equal(audio["input_features"], a["input_features"])
+    assert torch.equal(audio["input_features_mask"], a["input_features_mask"])
+    audio = load_audio(data.media / "tone24.wav", [data.hf])  # the second clip of record 3, unpadded
+    frames = int(audio["input_features_mask"].sum())
+    assert frames == int(c["input_features_mask"][1].sum())
+    torch.testing.assert_close(audio["input_features"][0, :frames], c["input_features"][1, :frames], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Cat"}],
+      "images": ["media/cat.png"]}, "1 media file(s) but 0 <image> placeholder(s)"),
+    ({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "<so_embedding>"}],
+      "audios": ["media/hello.wav"]}, "in a prompt message"),
+    ({"messages": [{"role": "user", "content": "<image>" + "x" * 60}, {"role": "assistant", "content": "Cat"}],
+      "images": ["media/cat.png"]}, "do not fit in --seq-length 64"),
+    ({"messages": [{"role": "assistant", "content": "Cat"}, {"role": "user", "content": "Hi"}]},
+     "the last message must be the assistant's answer"),
+], ids=["image-without-placeholder", "placeholder-in-answer", "too-long", "no-answer"])
+def test_bad_records_are_refused_with_their_line(data, record, message, tmp_path, capsys):
+    import finetune
+
+    bad = data.work / f"bad-{tmp_path.name}.jsonl"  # beside media/
+    bad.write_text(json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]})
+                   + "\n" + json.dumps(record) + "\n")
+    with pytest.raises(SystemExit) as e:
+        finetune.jsonl_samples(str(bad), str(data.hf), SimpleNamespace(seq_length=64))
+    assert f"{bad}:2: " in str(e.value) and message in str(e.value), str(e.value)
