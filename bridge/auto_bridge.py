@@ -333,13 +333,22 @@ class AutoBridge:
 
     # ------------------------------------------------------------------ Megatron checkpoints
     def save_megatron_model(self, model, path: str | Path, layout: Optional[Dict[str, Any]] = None,
-                            overwrite: bool = False, sharded_state=None, strategy=None) -> None:
+                            overwrite: bool = False, sharded_state=None, strategy=None,
+                            known_checksums=None) -> None:
         """Write `model` as a Megatron checkpoint (Megatron-LM layout, see bridge/checkpoint.py).
 
         `sharded_state` / `strategy`: how the tensors are produced and written (default: the
         model's own `sharded_state_dict()` and megatron-core's writer; the streaming conversion
-        passes a meta-device model's state and a strategy that makes each tensor on demand)."""
+        passes a meta-device model's state and a strategy that makes each tensor on demand).
+        `known_checksums()`: {absolute path: (size, XXH3-128)} of files already hashed while being
+        written (the rest are hashed at the end). The source HF files are hashed in a background
+        thread while the tensors are written.
+        """
+        from concurrent.futures import ThreadPoolExecutor
+
         from bridge import checkpoint
+        from conversion import integrity
+        from conversion.safetensors_io import finalize_outputs_with
 
         meta = {
             "hf_config": self.config.raw,
@@ -349,29 +358,44 @@ class AutoBridge:
             "padded_vocab_size": self._language_model(W.model_chunks(model)[0]).vocab_size,
             "hf_manifest": self.manifest,
             "layout": layout or {},
+            "checksums_file": integrity.CHECKSUMS_NAME,  # every file of the checkpoint (conversion/integrity.py)
         }
-        from conversion import integrity
-        from conversion.safetensors_io import finalize_outputs_with
-
+        hashing = ThreadPoolExecutor(1)
+        source_sums = None
         if self.hf_dir is not None and (not dist.is_initialized() or dist.get_rank() == 0):
             files = set(self.checkpoint.weight_map.values()) | {"config.json"}
             files |= {INDEX_NAME} if (self.hf_dir / INDEX_NAME).is_file() else set()
-            meta["hf_checksums"] = integrity.checksums(self.hf_dir, files)
-        meta["checksums_file"] = integrity.CHECKSUMS_NAME  # every file of the checkpoint, sha256 (see conversion/integrity.py)
-        with finalize_outputs_with(integrity.write_checksums_file):
-            checkpoint.save(sharded_state or (lambda: checkpoint.sharded_state(model)), Path(path), meta,
-                            self.assets_dir, overwrite=overwrite, is_asset=lambda p: not _is_weight_file(p.name),
-                            strategy=strategy)
+            source_sums = hashing.submit(integrity.checksums, self.hf_dir, files)
+
+        def full_meta() -> Dict[str, Any]:
+            return {**meta, "hf_checksums": source_sums.result()} if source_sums else meta
+
+        def write_checksums(root: Path) -> None:
+            known = {}
+            for abs_path, (size, digest) in (known_checksums() if known_checksums else {}).items():
+                rel = Path(abs_path).relative_to(root.resolve()).as_posix()
+                known[rel] = {"size": size, "xxh3_128": digest}
+            integrity.write_checksums_file(root, known)
+
+        try:
+            with finalize_outputs_with(write_checksums):
+                checkpoint.save(sharded_state or (lambda: checkpoint.sharded_state(model)), Path(path), full_meta,
+                                self.assets_dir, overwrite=overwrite, is_asset=lambda p: not _is_weight_file(p.name),
+                                strategy=strategy)
+        finally:
+            hashing.shutdown(wait=False, cancel_futures=True)
 
     @classmethod
-    def from_megatron_checkpoint(cls, path: str | Path) -> "AutoBridge":
+    def from_megatron_checkpoint(cls, path: str | Path, verify: bool = True) -> "AutoBridge":
+        """The bridge of a converted checkpoint (its HF config, manifest and assets). `verify=False`
+        skips hashing the files (their sizes are still checked): for callers that verify later."""
         from bridge import checkpoint
 
         path = Path(path)
         meta = checkpoint.read_meta(path)
         from conversion import integrity
 
-        integrity.verify_megatron_checkpoint(path, meta)  # sha256 of every file (remembered once verified)
+        integrity.verify_megatron_checkpoint(path, meta, hashes=verify)  # remembered once verified
         cfg = hf_config.parse_config(meta["hf_config"], f"{path}/{checkpoint.META_NAME}: hf_config")
         return cls(cfg, hf_dir=None, manifest=meta["hf_manifest"], assets_dir=path / checkpoint.ASSETS_DIR)
 

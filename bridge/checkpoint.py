@@ -43,11 +43,12 @@ def sharded_state(model) -> Dict:
     return state
 
 
-def save(state: Callable[[], Dict], path: Path, meta: Dict, assets_dir: Optional[Path], overwrite: bool = False,
+def save(state: Callable[[], Dict], path: Path, meta: Callable[[], Dict], assets_dir: Optional[Path], overwrite: bool = False,
          is_asset: Callable[[Path], bool] = lambda p: True, strategy=None) -> None:
     """Write a model's sharded state (all ranks take part) and the bridge files (rank 0) into `path`,
-    atomically. `state()` gives this rank's sharded state dict (`sharded_state(model)`); `strategy`
-    is the dist_checkpointing save strategy (None: megatron-core's default, torch_dist).
+    atomically. `state()` gives this rank's sharded state dict (`sharded_state(model)`); `meta()`
+    the contents of bridge_meta.json (asked for after the tensors are written); `strategy` is the
+    dist_checkpointing save strategy (None: megatron-core's default, torch_dist).
 
     Rank 0 creates the hidden temporary sibling and broadcasts its path; every rank writes its
     shards into it with `dist_checkpointing.save`; rank 0 writes the tracker, bridge_meta.json and
@@ -98,9 +99,9 @@ def save(state: Callable[[], Dict], path: Path, meta: Dict, assets_dir: Optional
         dist.barrier()
 
 
-def _write_bridge_files(tmp: Path, meta: Dict, assets_dir: Optional[Path], is_asset: Callable[[Path], bool]) -> None:
+def _write_bridge_files(tmp: Path, meta: Callable[[], Dict], assets_dir: Optional[Path], is_asset: Callable[[Path], bool]) -> None:
     (tmp / TRACKER_NAME).write_text(RELEASE_DIR)
-    (tmp / META_NAME).write_text(json.dumps({"format": META_FORMAT, **meta}, indent=1) + "\n")
+    (tmp / META_NAME).write_text(json.dumps({"format": META_FORMAT, **meta()}, indent=1) + "\n")
     assets = tmp / ASSETS_DIR
     assets.mkdir()
     if assets_dir is not None:

@@ -140,7 +140,7 @@ def _hf_to_mcore(args: argparse.Namespace) -> None:
 
 
 def _preflight_mcore(args: argparse.Namespace) -> None:
-    """Every check of a converted Megatron checkpoint that needs no megatron: meta, output, disk, sha256."""
+    """Every check of a converted Megatron checkpoint that needs no megatron: meta, output, disk, file sizes."""
     from conversion import integrity, preflight
     from conversion.safetensors_io import check_free_space, check_output_path, dir_bytes, dtype_from_name
 
@@ -157,7 +157,7 @@ def _preflight_mcore(args: argparse.Namespace) -> None:
     assets = src / "hf_assets"
     needed = preflight.output_bytes(shapes, dtypes) + (dir_bytes(assets) if assets.is_dir() else 0)
     check_free_space(args.output, needed, "the Hugging Face checkpoint")
-    integrity.verify_megatron_checkpoint(src, meta)  # remembered: the loader does not hash again
+    integrity.verify_megatron_checkpoint(src, meta, hashes=False)  # contents: hashed during the conversion
 
 
 def _mcore_to_hf(args: argparse.Namespace) -> None:
@@ -166,7 +166,7 @@ def _mcore_to_hf(args: argparse.Namespace) -> None:
     from bridge import AutoBridge
     from bridge.streaming import convert_megatron_to_hf, world
 
-    bridge = AutoBridge.from_megatron_checkpoint(args.mcore_path)
+    bridge = AutoBridge.from_megatron_checkpoint(args.mcore_path, verify=False)
     convert_megatron_to_hf(bridge, Path(args.mcore_path), Path(args.output), overwrite=args.overwrite,
                            quiet=args.quiet, threads=args.threads)
     if not args.quiet and world()[0] == 0:

@@ -51,6 +51,7 @@ from megatron.core.dist_checkpointing.strategies.torch import (
     mcore_to_pyt_state_dict,
 )
 from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint.filesystem import FileSystem
 from torch.distributed.checkpoint.planner import WriteItemType
 
 from bridge.checkpoint import _all_ok, _any_error
@@ -261,14 +262,59 @@ class _OnDemandPlanner(MCoreSavePlanner):
         self._release()
 
 
+class _HashingStream:
+    """A file being written, hashed (XXH3-128) on the way, so that the checksum file needs no
+    second pass over the checkpoint."""
+
+    def __init__(self, stream):
+        import xxhash
+
+        self.stream, self.hash, self.size = stream, xxhash.xxh3_128(), 0
+
+    def write(self, data) -> int:
+        self.hash.update(data)
+        self.size += memoryview(data).nbytes
+        return self.stream.write(data)
+
+    def __getattr__(self, name):  # tell, flush, fileno, ...
+        return getattr(self.stream, name)
+
+
+class _HashingFileSystem(FileSystem):
+    """torch.distributed.checkpoint's local file system, recording {path: (size, digest)} of every
+    file it writes (renames followed)."""
+
+    def __init__(self):
+        super().__init__()
+        self.digests: Dict[str, Tuple[int, str]] = {}
+
+    @contextmanager
+    def create_stream(self, path, mode):
+        with super().create_stream(path, mode) as stream:
+            if "w" not in mode:
+                yield stream
+                return
+            hashing = _HashingStream(stream)
+            yield hashing
+        self.digests[str(Path(path).resolve())] = (hashing.size, hashing.hash.hexdigest())
+
+    def rename(self, path, new_path) -> None:
+        super().rename(path, new_path)
+        old = self.digests.pop(str(Path(path).resolve()), None)
+        if old is not None:
+            self.digests[str(Path(new_path).resolve())] = old
+
+
 class _OnDemandStrategy(TorchDistSaveShardedStrategy):
     """megatron-core's torch_dist save strategy (same files, same metadata.json) with torch's own
     FileSystemWriter, which asks the planner for one tensor at a time (megatron's asynchronous writer
-    resolves every tensor of the rank up front)."""
+    resolves every tensor of the rank up front). `digests` ends up holding {absolute path: (size,
+    XXH3-128)} of the files every rank wrote."""
 
     def __init__(self, planner: _OnDemandPlanner, threads: int):
         super().__init__("torch_dist", 1, thread_count=threads)
         self.planner = planner
+        self.digests: Dict[str, Tuple[int, str]] = {}
 
     def async_save(self, sharded_state_dict, checkpoint_dir):  # pragma: no cover - never asked for
         raise NotImplementedError("the streaming conversion saves synchronously")
@@ -277,10 +323,17 @@ class _OnDemandStrategy(TorchDistSaveShardedStrategy):
         flat, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, keep_only_main_replica=True)
         pyt_state = mcore_to_pyt_state_dict(flat, False)
         writer = FileSystemWriter(str(checkpoint_dir), thread_count=self.thread_count)
+        writer.fs = _HashingFileSystem()
         try:
             dcp.save(pyt_state, storage_writer=writer, planner=self.planner)
         finally:
             self.planner.finish_writing()
+        everyone = [writer.fs.digests]
+        if world()[1] > 1:
+            everyone = [None] * world()[1]
+            dist.all_gather_object(everyone, writer.fs.digests)
+        for digests in everyone:
+            self.digests.update(digests)
 
 
 def convert_hf_to_megatron(bridge, output: Path, dtype: Optional[torch.dtype] = None, layout: Optional[Dict] = None,
@@ -303,10 +356,11 @@ def convert_hf_to_megatron(bridge, output: Path, dtype: Optional[torch.dtype] = 
             raise ConversionError(f"megatron parameter {param!r} has no HF source in the name table")
         return bridge.megatron_tensor(rule, dims).to(dtype)
 
-    planner = _OnDemandPlanner(make, sources, ByteBudget(budget), progress)
+    strategy = _OnDemandStrategy(_OnDemandPlanner(make, sources, ByteBudget(budget), progress),
+                                 threads or default_threads())
     try:
         bridge.save_megatron_model(model, output, layout=layout, overwrite=overwrite, sharded_state=lambda: state,
-                                   strategy=_OnDemandStrategy(planner, threads or default_threads()))
+                                   strategy=strategy, known_checksums=lambda: strategy.digests)
     finally:
         progress.close()
 
@@ -475,8 +529,14 @@ def convert_megatron_to_hf(bridge, src: Path, output: Path, overwrite: bool = Fa
     from bridge.parallel import broadcast_from_rank0
     from conversion.safetensors_io import SafetensorsWriter, atomic_output_dir, dtype_from_name
 
+    from conversion import integrity
+
     rank, ranks = world()
     meta = checkpoint.read_meta(src)
+    # The checkpoint's files are hashed while it is converted (rank 0); the output is not renamed
+    # into place unless they match, and a mismatch is the error reported even if reading failed.
+    hashing = ThreadPoolExecutor(1)
+    verified = hashing.submit(integrity.verify_megatron_checkpoint, src, meta) if rank == 0 else None
     model = meta_model(bridge, dtype_from_name(meta["params_dtype"]), meta.get("padded_vocab_size"))
     entries = _param_entries(checkpoint.sharded_state(model)["model"])
     rules = bridge.rules()
@@ -520,7 +580,14 @@ def convert_megatron_to_hf(bridge, src: Path, output: Path, overwrite: bool = Fa
                 progress.update(tensor.nbytes)
 
     def convert_share() -> None:
-        _run_all(convert, mine, threads or default_threads())
+        try:
+            _run_all(convert, mine, threads or default_threads())
+        except Exception:
+            if verified is not None:
+                verified.result()  # a corrupt file explains the failure better
+            raise
+        if verified is not None:
+            verified.result()
         writer.close()
         missing = sorted({h for r in mine for h in r.hf} - writer.written)
         if missing:
@@ -545,6 +612,7 @@ def convert_megatron_to_hf(bridge, src: Path, output: Path, overwrite: bool = Fa
         writer.close(fsync=False)
         reader.close()
         progress.close()
+        hashing.shutdown(wait=False, cancel_futures=True)
     if context is not None:
         context.__exit__(None, None, None)  # the atomic rename
     if ranks > 1:

@@ -60,17 +60,22 @@ def checksums(root: Path, rel_paths: Iterable[str], algorithm: str = "xxh3_128")
     return {r: {"size": (root / r).stat().st_size, algorithm: d} for r, d in zip(rel_paths, digests)}
 
 
-def tree_checksums(root: Path, exclude: Iterable[str] = (CHECKSUMS_NAME,)) -> Dict[str, Dict]:
-    """Checksums of every file under `root`, keyed by posix path relative to `root`."""
+def tree_checksums(root: Path, exclude: Iterable[str] = (CHECKSUMS_NAME,),
+                   known: Optional[Dict[str, Dict]] = None) -> Dict[str, Dict]:
+    """Checksums of every file under `root`, keyed by posix path relative to `root`; files in
+    `known` (hashed while they were written) whose size still matches are not read again."""
     root = Path(root)
     exclude = set(exclude)
+    known = known or {}
     files = [p.relative_to(root).as_posix() for p in sorted(root.rglob("*")) if p.is_file()]
-    return checksums(root, [f for f in files if f not in exclude])
+    files = [f for f in files if f not in exclude]
+    reuse = {f: known[f] for f in files if f in known and known[f]["size"] == (root / f).stat().st_size}
+    return {**checksums(root, [f for f in files if f not in reuse]), **reuse}
 
 
-def write_checksums_file(root: Path) -> None:
+def write_checksums_file(root: Path, known: Optional[Dict[str, Dict]] = None) -> None:
     """Write `bridge_checksums.json` for every file now under `root` (the finished checkpoint)."""
-    doc = {"format": CHECKSUMS_FORMAT, "files": tree_checksums(root)}
+    doc = {"format": CHECKSUMS_FORMAT, "files": dict(sorted(tree_checksums(root, known=known).items()))}
     (Path(root) / CHECKSUMS_NAME).write_text(json.dumps(doc, indent=1) + "\n")
 
 
@@ -78,10 +83,10 @@ _verified: Dict[Tuple[str, str], Tuple] = {}
 
 
 def verify_checksums(root: Path, recorded: Optional[Dict[str, Dict]], what: str = "checkpoint file",
-                     algorithm: str = "xxh3_128") -> None:
+                     algorithm: str = "xxh3_128", hashes: bool = True) -> None:
     """Every recorded file exists with its recorded size and digest; else one error naming the file.
 
-    Sizes are checked for all files first (cheap), then the hashes. A successful verification is
+    Sizes are checked for all files first (cheap), then (unless `hashes=False`) the digests. A successful verification is
     remembered for this process as long as no file's size / mtime changed, so the CLI's early check
     and the loader do not hash twice.
     """
@@ -98,6 +103,8 @@ def verify_checksums(root: Path, recorded: Optional[Dict[str, Dict]], what: str 
             raise ConversionError(f"{path}: {what} has {st.st_size} bytes, {rec.get('size')} were written at conversion "
                                   f"(the file is truncated or corrupt)")
         stats.append((rel, st.st_size, st.st_mtime_ns, st.st_ino))
+    if not hashes:
+        return
     key = (str(root.resolve()), json.dumps(recorded, sort_keys=True))
     if _verified.get(key) == tuple(stats):
         return
@@ -130,8 +137,10 @@ def read_meta(path: Path) -> Dict:
     return meta
 
 
-def verify_megatron_checkpoint(path: Path, meta: Optional[Dict] = None) -> Dict:
-    """Read and check `bridge_meta.json`, then verify every file recorded in the checksum file."""
+def verify_megatron_checkpoint(path: Path, meta: Optional[Dict] = None, hashes: bool = True) -> Dict:
+    """Read and check `bridge_meta.json`, then verify every file recorded in the checksum file
+    (only that each exists with its size when `hashes=False`: the streaming export hashes in the
+    background while it converts and refuses to finish on a mismatch)."""
     path = Path(path)
     meta = meta if meta is not None else read_meta(path)
     name = meta.get("checksums_file")
@@ -147,5 +156,5 @@ def verify_megatron_checkpoint(path: Path, meta: Optional[Dict] = None) -> Dict:
             raise ValueError(f"format {doc.get('format')!r}, expected {CHECKSUMS_FORMAT!r}")
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
         raise ConversionError(f"{sums_path}: not a valid checksum file ({e})") from None
-    verify_checksums(path, files, "Megatron checkpoint file", _FORMAT_DIGEST[doc["format"]])
+    verify_checksums(path, files, "Megatron checkpoint file", _FORMAT_DIGEST[doc["format"]], hashes)
     return meta
