@@ -324,9 +324,15 @@ class _OnDemandStrategy(TorchDistSaveShardedStrategy):
         pyt_state = mcore_to_pyt_state_dict(flat, False)
         writer = FileSystemWriter(str(checkpoint_dir), thread_count=self.thread_count)
         writer.fs = _HashingFileSystem()
+        # Each chunk is a torch.save record; its zip CRC32 would cost a pass over every byte on the
+        # CPU, and XXH3 of the whole file already guards it (torch.load does not need the CRC).
+        from torch.utils.serialization import config
+
+        compute_crc32, config.save.compute_crc32 = config.save.compute_crc32, False
         try:
             dcp.save(pyt_state, storage_writer=writer, planner=self.planner)
         finally:
+            config.save.compute_crc32 = compute_crc32
             self.planner.finish_writing()
         everyone = [writer.fs.digests]
         if world()[1] > 1:
