@@ -332,16 +332,23 @@ class AutoBridge:
             shutil.copy2(src, dest / rel)
 
     # ------------------------------------------------------------------ Megatron checkpoints
+    def source_files(self) -> List[str]:
+        """The files of the source HF checkpoint that hold its weights and config (for checksums)."""
+        files = set(self.checkpoint.weight_map.values()) | {"config.json"}
+        files |= {INDEX_NAME} if (self.hf_dir / INDEX_NAME).is_file() else set()
+        return sorted(files)
+
     def save_megatron_model(self, model, path: str | Path, layout: Optional[Dict[str, Any]] = None,
                             overwrite: bool = False, sharded_state=None, strategy=None,
-                            known_checksums=None) -> None:
+                            known_checksums=None, hf_checksums=None) -> None:
         """Write `model` as a Megatron checkpoint (Megatron-LM layout, see bridge/checkpoint.py).
 
         `sharded_state` / `strategy`: how the tensors are produced and written (default: the
         model's own `sharded_state_dict()` and megatron-core's writer; the streaming conversion
         passes a meta-device model's state and a strategy that makes each tensor on demand).
         `known_checksums()`: {absolute path: (size, XXH3-128)} of files already hashed while being
-        written (the rest are hashed at the end). The source HF files are hashed in a background
+        written (the rest are hashed at the end). `hf_checksums()`: the source files' checksums
+        when the caller took them; by default rank 0 hashes the source files in a background
         thread while the tensors are written.
         """
         from concurrent.futures import ThreadPoolExecutor
@@ -361,14 +368,11 @@ class AutoBridge:
             "checksums_file": integrity.CHECKSUMS_NAME,  # every file of the checkpoint (conversion/integrity.py)
         }
         hashing = ThreadPoolExecutor(1)
-        source_sums = None
-        if self.hf_dir is not None and (not dist.is_initialized() or dist.get_rank() == 0):
-            files = set(self.checkpoint.weight_map.values()) | {"config.json"}
-            files |= {INDEX_NAME} if (self.hf_dir / INDEX_NAME).is_file() else set()
-            source_sums = hashing.submit(integrity.checksums, self.hf_dir, files)
+        if hf_checksums is None and self.hf_dir is not None and (not dist.is_initialized() or dist.get_rank() == 0):
+            hf_checksums = hashing.submit(integrity.checksums, self.hf_dir, self.source_files()).result
 
         def full_meta() -> Dict[str, Any]:
-            return {**meta, "hf_checksums": source_sums.result()} if source_sums else meta
+            return {**meta, "hf_checksums": hf_checksums()} if hf_checksums else meta
 
         def write_checksums(root: Path) -> None:
             known = {}

@@ -308,13 +308,16 @@ class _HashingFileSystem(FileSystem):
 class _OnDemandStrategy(TorchDistSaveShardedStrategy):
     """megatron-core's torch_dist save strategy (same files, same metadata.json) with torch's own
     FileSystemWriter, which asks the planner for one tensor at a time (megatron's asynchronous writer
-    resolves every tensor of the rank up front). `digests` ends up holding {absolute path: (size,
-    XXH3-128)} of the files every rank wrote."""
+    resolves every tensor of the rank up front). Afterwards `digests` holds {absolute path: (size,
+    XXH3-128)} of the files every rank wrote, and `source_sums` the checksums of the source HF files
+    that the ranks hashed meanwhile (`source_sums()`: this rank's share), gathered from all ranks."""
 
-    def __init__(self, planner: _OnDemandPlanner, threads: int):
+    def __init__(self, planner: _OnDemandPlanner, threads: int, source_sums: Callable[[], Dict[str, Dict]]):
         super().__init__("torch_dist", 1, thread_count=threads)
         self.planner = planner
+        self.source_sums_of_rank = source_sums
         self.digests: Dict[str, Tuple[int, str]] = {}
+        self.source_sums: Dict[str, Dict] = {}
 
     def async_save(self, sharded_state_dict, checkpoint_dir):  # pragma: no cover - never asked for
         raise NotImplementedError("the streaming conversion saves synchronously")
@@ -334,12 +337,14 @@ class _OnDemandStrategy(TorchDistSaveShardedStrategy):
         finally:
             config.save.compute_crc32 = compute_crc32
             self.planner.finish_writing()
-        everyone = [writer.fs.digests]
+        mine = (writer.fs.digests, self.source_sums_of_rank())
+        everyone = [mine]
         if world()[1] > 1:
             everyone = [None] * world()[1]
-            dist.all_gather_object(everyone, writer.fs.digests)
-        for digests in everyone:
+            dist.all_gather_object(everyone, mine)
+        for digests, source_sums in everyone:
             self.digests.update(digests)
+            self.source_sums.update(source_sums)
 
 
 def convert_hf_to_megatron(bridge, output: Path, dtype: Optional[torch.dtype] = None, layout: Optional[Dict] = None,
@@ -362,13 +367,24 @@ def convert_hf_to_megatron(bridge, output: Path, dtype: Optional[torch.dtype] = 
             raise ConversionError(f"megatron parameter {param!r} has no HF source in the name table")
         return bridge.megatron_tensor(rule, dims).to(dtype)
 
+    # The source files' checksums (recorded in bridge_meta.json) are taken while the tensors are
+    # written, each rank hashing its share of the files.
+    from conversion import integrity
+
+    files = bridge.source_files()
+    file_owners = assign([(bridge.hf_dir / f).stat().st_size for f in files], ranks)
+    hashing = ThreadPoolExecutor(1)
+    source_sums = hashing.submit(integrity.checksums, bridge.hf_dir,
+                                 [f for f, owner in zip(files, file_owners) if owner == rank])
     strategy = _OnDemandStrategy(_OnDemandPlanner(make, sources, ByteBudget(budget), progress),
-                                 threads or default_threads())
+                                 threads or default_threads(), source_sums.result)
     try:
         bridge.save_megatron_model(model, output, layout=layout, overwrite=overwrite, sharded_state=lambda: state,
-                                   strategy=strategy, known_checksums=lambda: strategy.digests)
+                                   strategy=strategy, known_checksums=lambda: strategy.digests,
+                                   hf_checksums=lambda: strategy.source_sums)
     finally:
         progress.close()
+        hashing.shutdown(wait=False, cancel_futures=True)
 
 
 # ---------------------------------------------------------------------------- Megatron -> HF

@@ -14,8 +14,9 @@ stops after `--max-new-tokens` or at an end-of-sequence id of the checkpoint's
 Prompt: `--prompt-ids 1,2,3`, or `--prompt TEXT` encoded with the checkpoint's tokenizer (no chat
 template is applied). Omni checkpoints take `--image FILE` and/or `--audio FILE` (see
 `examples/_common.py` for the accepted formats: `.npy`/`.pt` tensors of preprocessed pixel values /
-mel features always; image and audio files only with Pillow / an audio reader and the
-checkpoint's `preprocessor_config.json`). If the prompt holds no placeholder tokens, the right number
+mel features always; image files with Pillow, WAV files with the standard library, other audio
+files with transformers' `load_audio`, all through the checkpoint's processor config
+(`processor_config.json` or `preprocessor_config.json`)). If the prompt holds no placeholder tokens, the right number
 of image placeholders and then audio placeholders are put in front of it; a prompt that holds them
 must hold exactly as many as the features fill.
 

@@ -60,6 +60,7 @@ def results(tmp_path_factory):
     for r in got.values():
         print(json.dumps({k: v for k, v in r.items() if k not in ("placement", "forward_steps")}))
     assert proc.returncode == 0, proc.stderr[-5000:]
+    got["_paths"] = {"hf": hf_dir, "out": out}
     return got
 
 
@@ -104,3 +105,15 @@ def test_omni_layout(results, case):
     if case.get("export"):
         assert r["export_problems"] == [], r["export_problems"]
         assert r["export_tensors"] == r["source_tensors"] == HF_TENSORS
+
+
+def test_cli_exports_the_checkpoint_megatron_wrote_at_tp2(results, tmp_path):
+    """convert-mcore-to-hf (streaming, reads chunk regions) on the checkpoint that megatron-core's
+    own writer saved from the TP=2 model (2 ranks: TP-sliced chunks, Mamba factory pieces)."""
+    paths = results["_paths"]
+    proc = subprocess.run([str(BIN / "convert-mcore-to-hf"), "--mcore-path", str(paths["out"] / "mcore_tp2"),
+                           "--output", str(tmp_path / "hf"), "--quiet"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from tests.test_streaming import assert_same_hf
+
+    assert_same_hf(paths["hf"], tmp_path / "hf")

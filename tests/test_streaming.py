@@ -1,0 +1,153 @@
+"""The streaming conversion (bridge/streaming.py): work split across torchrun ranks, the memory
+budget, the checkpoint reader. (Wall time and peak memory at the real widths are measured by
+benchmarks/conversion.py, not here.)
+
+- Under torchrun (2 processes) both CLIs split the work: each rank writes data files of its own
+  share, and the results equal the single-process ones bit for bit, in both directions.
+- A budget of one byte (every tensor alone) with many threads gives the same files.
+- `DcpReader` reads a region that crosses chunk borders (two experts) as the HF tensors hold it,
+  and refuses a `.metadata` pickle that would run code, without running it.
+- `ByteBudget`: a request above the limit waits for an empty budget and then runs alone.
+Checkpoints that megatron-core itself wrote from TP=2 models are exported by the CLI in
+tests/test_parallel_layouts.py and tests/test_parallel_omni.py.
+"""
+
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from bridge.tiny_models import build_hf_omni_model, save_hf_model
+from tests.cli_helpers import BIN, run_cli
+from tests.test_roundtrip_cli import read_all
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def torchrun(*args, timeout=600):
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    proc = subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc-per-node", "2", *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    return proc
+
+
+def assert_same_hf(a: Path, b: Path) -> None:
+    ta, tb = read_all(a), read_all(b)
+    assert sorted(ta) == sorted(tb)
+    for name, (file_name, tensor) in ta.items():
+        assert tb[name][0] == file_name, name
+        assert tb[name][1].dtype == tensor.dtype and torch.equal(tb[name][1], tensor), name
+
+
+@pytest.fixture(scope="module")
+def omni(tmp_path_factory):
+    """A tiny Omni checkpoint (bf16, several shards) and its single-process conversion."""
+    tmp = tmp_path_factory.mktemp("streaming")
+    hf = save_hf_model(build_hf_omni_model(seed=5), tmp / "hf", dtype=torch.bfloat16, max_shard_size="200KB")
+    proc = run_cli("convert-hf-to-mcore", "--hf-path", hf, "--output", tmp / "mcore", "--quiet")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return tmp, hf, tmp / "mcore"
+
+
+def test_torchrun_splits_both_conversions(omni):
+    tmp, hf, mcore = omni
+    torchrun(BIN / "convert-hf-to-mcore", "--hf-path", hf, "--output", tmp / "mcore_2ranks", "--quiet")
+    data = {r: sum(p.stat().st_size for p in (tmp / "mcore_2ranks" / "release").glob(f"__{r}_*.distcp"))
+            for r in (0, 1)}
+    assert min(data.values()) > 0.3 * sum(data.values()), data  # each rank wrote a fair share
+
+    from bridge.streaming import DcpReader
+
+    one, two = DcpReader(mcore / "release"), DcpReader(tmp / "mcore_2ranks" / "release")
+    assert sorted(one.tensors) == sorted(two.tensors)
+    for key, meta in one.tensors.items():
+        if hasattr(meta, "chunks"):
+            whole = ([0] * len(meta.size), list(meta.size))
+            assert torch.equal(one.read(key, *whole), two.read(key, *whole)), key
+
+    torchrun(BIN / "convert-mcore-to-hf", "--mcore-path", mcore, "--output", tmp / "hf_2ranks", "--quiet")
+    assert_same_hf(hf, tmp / "hf_2ranks")
+    proc = run_cli("convert-mcore-to-hf", "--mcore-path", tmp / "mcore_2ranks", "--output", tmp / "hf_from_2ranks",
+                   "--quiet")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_hf(hf, tmp / "hf_from_2ranks")
+
+
+def test_one_byte_budget_and_many_threads_give_the_same_files(omni):
+    tmp, hf, mcore = omni
+    script = f"""
+import warnings; warnings.filterwarnings("ignore")
+from pathlib import Path
+from bridge import AutoBridge
+from bridge.streaming import convert_hf_to_megatron, convert_megatron_to_hf
+convert_hf_to_megatron(AutoBridge.from_hf_pretrained({str(hf)!r}), Path({str(tmp / 'mc_b1')!r}), quiet=True,
+                       threads=5, budget=1)
+convert_megatron_to_hf(AutoBridge.from_megatron_checkpoint({str(tmp / 'mc_b1')!r}), Path({str(tmp / 'mc_b1')!r}),
+                       Path({str(tmp / 'hf_b1')!r}), quiet=True, threads=5, budget=1)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_hf(hf, tmp / "hf_b1")
+
+
+def test_reader_region_across_chunks(omni):
+    _, hf, mcore = omni
+    from bridge.streaming import DcpReader
+
+    reader = DcpReader(mcore / "release")
+    key = next(k for k in reader.tensors if k.endswith("mlp.experts.experts.linear_fc1.weight"))
+    layer = key.split(".")[3]
+    meta = reader.tensors[key]
+    assert len(meta.chunks) == meta.size[0] > 2  # one chunk per expert
+    region = reader.read(key, [1, 3, 0], [2, 5, meta.size[2]])  # experts 1-2, rows 3..7
+    source = read_all(hf)
+    for i, expert in enumerate((1, 2)):
+        want = source[f"language_model.backbone.layers.{layer}.mixer.experts.{expert}.up_proj.weight"][1]
+        assert torch.equal(region[i], want[3:8]), expert
+
+
+def test_reader_refuses_metadata_that_would_run_code(omni, tmp_path):
+    _, _, mcore = omni
+    from bridge.streaming import DcpReader
+    from conversion.errors import ConversionError
+
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    release = tmp_path / "release"
+    shutil.copytree(mcore / "release", release)
+    (release / ".metadata").write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(ConversionError, match="not allowed in checkpoint metadata"):
+        DcpReader(release)
+    assert not marker.exists()
+
+
+def test_byte_budget_admits_a_large_request_alone():
+    from bridge.streaming import ByteBudget
+
+    budget = ByteBudget(10)
+    small = budget.acquire(4)
+    got_large = threading.Event()
+
+    def take_large():
+        n = budget.acquire(100)  # above the limit: waits for an empty budget
+        got_large.set()
+        budget.release(n)
+
+    t = threading.Thread(target=take_large)
+    t.start()
+    assert not got_large.wait(0.3)
+    budget.release(small)
+    assert got_large.wait(5)
+    t.join(5)
+    assert budget.used == 0
