@@ -334,9 +334,7 @@ class AutoBridge:
     # ------------------------------------------------------------------ Megatron checkpoints
     def source_files(self) -> List[str]:
         """The files of the source HF checkpoint that hold its weights and config (for checksums)."""
-        files = set(self.checkpoint.weight_map.values()) | {"config.json"}
-        files |= {INDEX_NAME} if (self.hf_dir / INDEX_NAME).is_file() else set()
-        return sorted(files)
+        return self.checkpoint.source_files()
 
     def save_megatron_model(self, model, path: str | Path, layout: Optional[Dict[str, Any]] = None,
                             overwrite: bool = False, sharded_state=None, strategy=None,
@@ -351,8 +349,6 @@ class AutoBridge:
         when the caller took them; by default rank 0 hashes the source files in a background
         thread while the tensors are written.
         """
-        from concurrent.futures import ThreadPoolExecutor
-
         from bridge import checkpoint
         from conversion import integrity
         from conversion.safetensors_io import finalize_outputs_with
@@ -367,9 +363,8 @@ class AutoBridge:
             "layout": layout or {},
             "checksums_file": integrity.CHECKSUMS_NAME,  # every file of the checkpoint (conversion/integrity.py)
         }
-        hashing = ThreadPoolExecutor(1)
         if hf_checksums is None and self.hf_dir is not None and (not dist.is_initialized() or dist.get_rank() == 0):
-            hf_checksums = hashing.submit(integrity.checksums, self.hf_dir, self.source_files()).result
+            hf_checksums = integrity.in_background(integrity.checksums, self.hf_dir, self.source_files()).result
 
         def full_meta() -> Dict[str, Any]:
             return {**meta, "hf_checksums": hf_checksums()} if hf_checksums else meta
@@ -381,13 +376,10 @@ class AutoBridge:
                 known[rel] = {"size": size, "xxh3_128": digest}
             integrity.write_checksums_file(root, known)
 
-        try:
-            with finalize_outputs_with(write_checksums):
-                checkpoint.save(sharded_state or (lambda: checkpoint.sharded_state(model)), Path(path), full_meta,
-                                self.assets_dir, overwrite=overwrite, is_asset=lambda p: not _is_weight_file(p.name),
-                                strategy=strategy)
-        finally:
-            hashing.shutdown(wait=False, cancel_futures=True)
+        with finalize_outputs_with(write_checksums):
+            checkpoint.save(sharded_state or (lambda: checkpoint.sharded_state(model)), Path(path), full_meta,
+                            self.assets_dir, overwrite=overwrite, is_asset=lambda p: not _is_weight_file(p.name),
+                            strategy=strategy)
 
     @classmethod
     def from_megatron_checkpoint(cls, path: str | Path, verify: bool = True) -> "AutoBridge":

@@ -64,8 +64,8 @@ def save(state: Callable[[], Dict], path: Path, meta: Callable[[], Dict], assets
         if isinstance(tmp_or_error, Exception):
             raise tmp_or_error
         tmp = Path(tmp_or_error)
-        error = _all_ok(lambda: dist_checkpointing.save(state(), str(tmp / RELEASE_DIR), sharded_strategy=strategy))
-        error = _any_error(error)
+        error = capture_error(lambda: dist_checkpointing.save(state(), str(tmp / RELEASE_DIR), sharded_strategy=strategy))
+        error = first_rank_error(error)
         if error:
             raise ConversionError(f"writing the Megatron checkpoint {path} failed: {error}")
         dist.barrier()  # rank 0 renames after this
@@ -82,9 +82,9 @@ def save(state: Callable[[], Dict], path: Path, meta: Callable[[], Dict], assets
         (tmp / RELEASE_DIR).mkdir(exist_ok=True)
         if multi:
             broadcast_from_rank0(str(tmp))
-            error = _all_ok(lambda: dist_checkpointing.save(state(), str(tmp / RELEASE_DIR), sharded_strategy=strategy))
-            error = error or _all_ok(lambda: _write_bridge_files(tmp, meta, assets_dir, is_asset))
-            error = _any_error(error)
+            error = capture_error(lambda: dist_checkpointing.save(state(), str(tmp / RELEASE_DIR), sharded_strategy=strategy))
+            error = error or capture_error(lambda: _write_bridge_files(tmp, meta, assets_dir, is_asset))
+            error = first_rank_error(error)
             if error:
                 raise ConversionError(f"writing the Megatron checkpoint {path} failed: {error}")
             dist.barrier()
@@ -112,16 +112,16 @@ def _write_bridge_files(tmp: Path, meta: Callable[[], Dict], assets_dir: Optiona
                 shutil.copy2(src, dest)
 
 
-def _all_ok(fn) -> Optional[str]:
+def capture_error(fn) -> Optional[str]:
     """Run `fn`; None on success, else a one-line description of the failure."""
     try:
         fn()
         return None
-    except Exception as e:  # noqa: BLE001 - reported on every rank by _any_error
+    except Exception as e:  # noqa: BLE001 - reported on every rank by first_rank_error
         return f"rank {dist.get_rank()}: {type(e).__name__}: {e}"
 
 
-def _any_error(error: Optional[str]) -> Optional[str]:
+def first_rank_error(error: Optional[str]) -> Optional[str]:
     """The first rank's failure message, on every rank (None when all succeeded)."""
     errors: List[Optional[str]] = [None] * dist.get_world_size()
     dist.all_gather_object(errors, error)

@@ -1,6 +1,6 @@
 """`convert-hf-to-mcore` and `convert-mcore-to-hf` (and the shared runner of `bridge-verify`).
 
-Both stream (bridge/streaming.py): memory stays bounded by a budget of about 1 GiB of tensors in
+Both stream (bridge/streaming.py): memory stays bounded by a budget of 768 MiB of tensors in
 flight, whatever the model's depth; reading, transforming and writing overlap on `--threads`
 threads. They run in one plain process (a one-process gloo group is created) or under torchrun
 (the given group is used), where each rank converts its share of the tensors (reads only those).
@@ -99,7 +99,7 @@ def _preflight_hf(args: argparse.Namespace):
     weight_files = set(ckpt.weight_map.values())
     needed = preflight.output_bytes(shapes, dtypes, target) + dir_bytes(hf, keep=lambda p: p.name not in weight_files)
     check_free_space(args.output, needed, "the Megatron checkpoint")
-    return cfg
+    return cfg, ckpt
 
 
 def _import_megatron() -> None:
@@ -120,7 +120,13 @@ def _import_megatron() -> None:
 def _hf_to_mcore(args: argparse.Namespace) -> None:
     from conversion import hf_config
 
-    cfg = _preflight_hf(args)
+    from conversion import integrity
+    from conversion.split import launcher_rank
+
+    cfg, ckpt = _preflight_hf(args)
+    # The source files' checksums (bridge_meta.json) are taken while megatron is imported and the
+    # tensors are written: each rank hashes its share, in a background thread.
+    source_sums = integrity.share_checksums_in_background(ckpt.root, ckpt.source_files(), *launcher_rank())
     _import_megatron()
     from bridge.parallel import check_layout
 
@@ -134,12 +140,13 @@ def _hf_to_mcore(args: argparse.Namespace) -> None:
     bridge.checkpoint  # open and validate the weights before building anything
     layout = {"tp": args.tp, "pp": args.pp, "ep": args.ep, "etp": args.etp, "vpp": args.vpp}
     convert_hf_to_megatron(bridge, Path(args.output), dtype=DTYPES[args.dtype] if args.dtype else None,
-                           layout=layout, overwrite=args.overwrite, quiet=args.quiet, threads=args.threads)
+                           layout=layout, overwrite=args.overwrite, quiet=args.quiet, threads=args.threads,
+                           source_sums=source_sums)
     if not args.quiet and world()[0] == 0:
         print(f"wrote Megatron checkpoint {args.output}")
 
 
-def _preflight_mcore(args: argparse.Namespace) -> None:
+def _preflight_mcore(args: argparse.Namespace) -> dict:
     """Every check of a converted Megatron checkpoint that needs no megatron: meta, output, disk, file sizes."""
     from conversion import integrity, preflight
     from conversion.safetensors_io import check_free_space, check_output_path, dir_bytes, dtype_from_name
@@ -158,17 +165,26 @@ def _preflight_mcore(args: argparse.Namespace) -> None:
     needed = preflight.output_bytes(shapes, dtypes) + (dir_bytes(assets) if assets.is_dir() else 0)
     check_free_space(args.output, needed, "the Hugging Face checkpoint")
     integrity.verify_megatron_checkpoint(src, meta, hashes=False)  # contents: hashed during the conversion
+    return meta
 
 
 def _mcore_to_hf(args: argparse.Namespace) -> None:
-    _preflight_mcore(args)
+    from conversion import integrity
+    from conversion.split import launcher_rank
+
+    meta = _preflight_mcore(args)
+    # The checkpoint's files are hashed (rank 0) while megatron is imported and the tensors are
+    # converted; the output is renamed into place only if they all match.
+    verified = None
+    if launcher_rank()[0] == 0:
+        verified = integrity.in_background(integrity.verify_megatron_checkpoint, Path(args.mcore_path), meta)
     _import_megatron()
     from bridge import AutoBridge
     from bridge.streaming import convert_megatron_to_hf, world
 
     bridge = AutoBridge.from_megatron_checkpoint(args.mcore_path, verify=False)
     convert_megatron_to_hf(bridge, Path(args.mcore_path), Path(args.output), overwrite=args.overwrite,
-                           quiet=args.quiet, threads=args.threads)
+                           quiet=args.quiet, threads=args.threads, verified=verified)
     if not args.quiet and world()[0] == 0:
         print(f"wrote Hugging Face checkpoint {args.output}")
 
@@ -178,7 +194,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     parser.add_argument("--quiet", action="store_true", help="no progress bar (for logs)")
     parser.add_argument("--threads", type=int, default=None,
-                        help="reader / writer threads per process (default: the cores, 2 to 4)")
+                        help="reader / writer threads per process (default: 4)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
 
 

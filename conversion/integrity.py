@@ -23,7 +23,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Dict, Iterable, Optional, Tuple
 
@@ -50,14 +51,41 @@ def digest_file(path: Path, algorithm: str = "xxh3_128") -> str:
             h.update(block)  # both release the GIL: files hash in parallel in threads
 
 
-def checksums(root: Path, rel_paths: Iterable[str], algorithm: str = "xxh3_128") -> Dict[str, Dict]:
-    """{relative path: {"size", algorithm}} for the given files under `root` (hashed in parallel)."""
+def checksums(root: Path, rel_paths: Iterable[str], algorithm: str = "xxh3_128",
+              workers: Optional[int] = None) -> Dict[str, Dict]:
+    """{relative path: {"size", algorithm}} for the given files under `root` (hashed in parallel
+    on up to `workers` threads, default the cores)."""
     root = Path(root)
     rel_paths = sorted(set(rel_paths))
-    workers = max(1, min(8, os.cpu_count() or 1, len(rel_paths)))
+    workers = max(1, min(workers or 8, os.cpu_count() or 1, len(rel_paths)))
     with ThreadPoolExecutor(workers) as pool:
         digests = list(pool.map(lambda r: digest_file(root / r, algorithm), rel_paths))
     return {r: {"size": (root / r).stat().st_size, algorithm: d} for r, d in zip(rel_paths, digests)}
+
+
+def in_background(fn, *args, **kwargs) -> Future:
+    """Run `fn` in a daemon thread (one that never delays the process's exit, e.g. after Ctrl-C);
+    its result or exception comes back through the returned future."""
+    future: Future = Future()
+
+    def run():
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as e:  # noqa: BLE001 - handed to whoever waits for the result
+            future.set_exception(e)
+
+    threading.Thread(target=run, daemon=True, name=f"background-{getattr(fn, '__name__', 'task')}").start()
+    return future
+
+
+def share_checksums_in_background(root: Path, rel_paths: Iterable[str], rank: int, ranks: int) -> Future:
+    """Checksums of this rank's share of the files (balanced by size across `ranks`), in a daemon
+    thread (one file at a time: it runs beside the conversion)."""
+    from conversion.split import my_share
+
+    rel_paths = sorted(set(rel_paths))
+    share = my_share(rel_paths, [(Path(root) / r).stat().st_size for r in rel_paths], rank, ranks)
+    return in_background(checksums, root, share, workers=1)
 
 
 def tree_checksums(root: Path, exclude: Iterable[str] = (CHECKSUMS_NAME,),

@@ -258,6 +258,12 @@ class HFCheckpoint:
             n *= s
         return n * torch.empty((), dtype=dtype).element_size()
 
+    def source_files(self) -> List[str]:
+        """The files that make up the checkpoint: its safetensors files, the index, config.json."""
+        files = set(self.weight_map.values()) | {"config.json"}
+        files |= {INDEX_NAME} if (self.root / INDEX_NAME).is_file() else set()
+        return sorted(files)
+
     def manifest(self) -> Dict[str, dict]:
         """name -> {file, dtype, shape}: what export needs to write the same files back."""
         return {
