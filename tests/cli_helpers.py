@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 BIN = Path(sys.executable).parent
+PROGRESS_LINE = re.compile(r"^(hf -> megatron|megatron -> hf): ")  # bridge/streaming.py's tqdm bars
 
 
 def run_cli(name: str, *args, env: Optional[Dict[str, str]] = None, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -31,8 +33,10 @@ def hidden_siblings(path: Path):
 
 def assert_clean_failure(proc: subprocess.CompletedProcess, output: Path, *fragments: str, code: int = 2,
                          output_existed: bool = False) -> str:
-    """Non-zero exit, one `error:` line on stderr holding every fragment, no traceback, no output."""
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    """Non-zero exit, one `error:` line on stderr holding every fragment, no traceback, no output.
+    (Progress-bar lines, which a conversion without --quiet prints before it fails, are not counted.)"""
+    lines = [line for line in proc.stderr.replace("\r", "\n").splitlines()
+             if line.strip() and not PROGRESS_LINE.match(line)]
     assert proc.returncode == code, (proc.returncode, proc.stderr[-3000:])
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
