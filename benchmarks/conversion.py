@@ -13,7 +13,8 @@ checkpoint (transformers' Omni model reports them as unexpected on load and drop
 bridge carries them). The slice is cached in the workdir (regenerated only when its stamp differs).
 
 Each command runs in a fresh process and is timed up to the end of a `sync` (so its bytes are on
-disk); its output directory is removed and synced before the run, outside the timing:
+disk); its output directory is removed and synced and its input read once (page cache warm) before
+the run, outside the timing:
 
   cp -r SLICE OUT
   convert-hf-to-mcore --hf-path SLICE --output MCORE --quiet
@@ -350,12 +351,26 @@ def kib(value) -> int:
     return int(value.split()[0]) * 1024 if value else 0
 
 
-def measure(cmd, output: Path, drop_caches: bool) -> dict:
+def warm_cache(directory: Path) -> None:
+    """Read every file of `directory` once (untimed), so that each timed command starts with its
+    input in the page cache, whatever ran before it (without this, the first command after a
+    different one may read its input from disk: cp -r of the 9 GiB slice took 30.5 s cold and
+    14.2 s warm here)."""
+    for path in sorted(Path(directory).rglob("*")):
+        if path.is_file():
+            with open(path, "rb", buffering=0) as f:
+                while f.read(64 << 20):
+                    pass
+
+
+def measure(cmd, output: Path, drop_caches: bool, source: Path) -> dict:
     """One run in a fresh wrapper process: wall time (command + sync), peak tree RSS / anon, maxrss."""
     remove(output)
     subprocess.run(["sync"], check=True)
     if drop_caches:
         Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    else:
+        warm_cache(source)
     with tempfile.NamedTemporaryFile(suffix=".json") as result:
         proc = subprocess.Popen([sys.executable, "-c", WRAPPER, result.name, *map(str, cmd)])
         peak_rss = peak_anon = 0
@@ -511,7 +526,8 @@ def main(argv=None) -> int:
             samples = []
             for i in range(args.repeat):
                 print(f"run: {name} ({i + 1}/{args.repeat}) ...", flush=True)
-                samples.append(measure(cmd, output, args.drop_caches))
+                source = cmds["hf2mcore"][1] if name == "mcore2hf" else slice_dir
+                samples.append(measure(cmd, output, args.drop_caches, source))
                 print(f"     {samples[-1]['wall_s']:.1f} s, peak RSS {samples[-1]['peak_rss_bytes'] / GiB:.2f} GiB", flush=True)
             report["results"][name] = summary(samples)
             if name in ("cp", "transformers") and not args.keep:

@@ -151,3 +151,28 @@ def test_byte_budget_admits_a_large_request_alone():
     assert got_large.wait(5)
     t.join(5)
     assert budget.used == 0
+
+
+def test_dtype_flag_casts_every_parameter(omni, tmp_path):
+    """`--dtype fp32` on a bf16 checkpoint: every parameter is fp32 and holds the source values
+    exactly (bf16 -> fp32 is exact); the export writes the source's bf16 again, bit for bit."""
+    _, hf, _ = omni
+    proc = run_cli("convert-hf-to-mcore", "--hf-path", hf, "--output", tmp_path / "mc32", "--dtype", "fp32", "--quiet")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from bridge.streaming import DcpReader
+
+    reader = DcpReader(tmp_path / "mc32" / "release")
+    source = read_all(hf)
+    # parameters and float buffers in fp32; the carried HF tensors (`hf_extras.*`, kept for the round
+    # trip only) keep the source dtype, and integer counters stay integers
+    dtypes = {key: meta.properties.dtype for key, meta in reader.tensors.items() if hasattr(meta, "properties")}
+    floats = {d for key, d in dtypes.items() if d.is_floating_point and not key.startswith("hf_extras.")}
+    assert floats == {torch.float32}, floats
+    assert {d for key, d in dtypes.items() if key.startswith("hf_extras.") and d.is_floating_point} == {torch.bfloat16}
+    emb = reader.read("language_model.embedding.word_embeddings.weight", [0, 0],
+                      list(reader.tensors["language_model.embedding.word_embeddings.weight"].size))
+    want = source["language_model.backbone.embeddings.weight"][1]
+    assert torch.equal(emb[: want.shape[0]], want.float())
+    proc = run_cli("convert-mcore-to-hf", "--mcore-path", tmp_path / "mc32", "--output", tmp_path / "hf16", "--quiet")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_hf(hf, tmp_path / "hf16")
