@@ -118,9 +118,7 @@ def _import_megatron() -> None:
 
 
 def _hf_to_mcore(args: argparse.Namespace) -> None:
-    from conversion import hf_config
-
-    from conversion import integrity
+    from conversion import hf_config, integrity
     from conversion.split import launcher_rank
 
     cfg, ckpt = _preflight_hf(args)
@@ -189,11 +187,17 @@ def _mcore_to_hf(args: argparse.Namespace) -> None:
         print(f"wrote Hugging Face checkpoint {args.output}")
 
 
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", required=True, help="output directory (must not exist or be empty)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     parser.add_argument("--quiet", action="store_true", help="no progress bar (for logs)")
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--threads", type=_positive_int, default=None,
                         help="reader / writer threads per process (default: 4)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
 
