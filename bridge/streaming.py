@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import pickle
 import threading
@@ -56,6 +57,7 @@ from torch.distributed.checkpoint.planner import WriteItemType
 from bridge.checkpoint import capture_error, first_rank_error
 from conversion import integrity
 from conversion.errors import ConversionError
+from conversion.safetensors_io import OpenFiles, nbytes_of
 from conversion.split import assign
 from conversion.transforms import to_hf
 
@@ -135,13 +137,6 @@ def world() -> Tuple[int, int]:
 
     ensure_process_group()
     return dist.get_rank(), dist.get_world_size()
-
-
-def nbytes_of(shape, dtype: torch.dtype) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n * dtype.itemsize
 
 
 def meta_model(bridge, dtype: torch.dtype, padded_vocab: Optional[int] = None):
@@ -451,23 +446,16 @@ class DcpReader:
             raise ConversionError(f"{path}: missing (expected torch.distributed.checkpoint metadata)") from None
         except Exception as e:  # noqa: BLE001 - any malformed metadata is one error
             raise ConversionError(f"{path}: not valid torch.distributed.checkpoint metadata ({e})") from None
-        self._fds: Dict[str, int] = {}
-        self._lock = threading.Lock()
+        self._files = OpenFiles(os.O_RDONLY, self._data_file)
 
-    def _fd(self, relative_path: str) -> int:
-        with self._lock:
-            if relative_path not in self._fds:
-                path = (self.dir / relative_path).resolve()
-                if self.dir.resolve() not in path.parents:
-                    raise ConversionError(f"{self.dir}/.metadata: data file {relative_path!r} escapes the checkpoint directory")
-                self._fds[relative_path] = os.open(path, os.O_RDONLY)
-            return self._fds[relative_path]
+    def _data_file(self, relative_path: str) -> Path:
+        path = (self.dir / relative_path).resolve()
+        if self.dir.resolve() not in path.parents:
+            raise ConversionError(f"{self.dir}/.metadata: data file {relative_path!r} escapes the checkpoint directory")
+        return path
 
     def close(self) -> None:
-        with self._lock:
-            for fd in self._fds.values():
-                os.close(fd)
-            self._fds.clear()
+        self._files.close()
 
     def _chunk(self, fqn: str, chunk) -> torch.Tensor:
         info = self.storage.get((fqn, tuple(chunk.offsets)))
@@ -477,7 +465,7 @@ class DcpReader:
             raise ConversionError(f"{self.dir / info.relative_path}: {fqn!r} is stored with transforms "
                                   f"{info.transform_descriptors} (compressed checkpoints are not supported)")
         try:
-            tensor = torch.load(_FileWindow(self._fd(info.relative_path), info.offset, info.length),
+            tensor = torch.load(_FileWindow(self._files.fd(info.relative_path), info.offset, info.length),
                                 map_location="cpu", weights_only=True)
         except ConversionError:
             raise
@@ -510,14 +498,8 @@ class DcpReader:
                 out = torch.empty(tuple(sizes), dtype=data.dtype)
             src = data[tuple(slice(l - c, h - c) for l, h, c in zip(lo, hi, chunk.offsets))]
             out[tuple(slice(l - o, h - o) for l, h, o in zip(lo, hi, offsets))] = src
-            n = 1
-            for l, h in zip(lo, hi):
-                n *= h - l
-            covered += n
-        expected = 1
-        for s in sizes:
-            expected *= s
-        if out is None or covered != expected:
+            covered += math.prod(h - l for l, h in zip(lo, hi))
+        if out is None or covered != math.prod(sizes):
             raise ConversionError(f"{self.dir}: the chunks of {fqn!r} do not cover the region {tuple(sizes)} at "
                                   f"{tuple(offsets)} (the checkpoint is incomplete)")
         return out

@@ -19,6 +19,7 @@ import contextlib
 import contextvars
 import ctypes
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -139,6 +140,36 @@ def _read_header(path: Path) -> Dict[str, Tuple[str, Tuple[int, ...], int]]:
     return out
 
 
+def nbytes_of(shape, dtype: torch.dtype) -> int:
+    """Bytes of a tensor of this shape and dtype."""
+    return math.prod(shape) * dtype.itemsize
+
+
+class OpenFiles:
+    """One OS file descriptor per file, opened on first use and shared by all threads (os.pread /
+    os.pwrite carry their own offset, so threads share no seek position). `path_of(name)` gives
+    the path of a file name (and may refuse it)."""
+
+    def __init__(self, flags: int, path_of: Callable[[str], Path]):
+        self.flags, self.path_of = flags, path_of
+        self._fds: Dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def fd(self, name: str) -> int:
+        with self._lock:
+            if name not in self._fds:
+                self._fds[name] = os.open(self.path_of(name), self.flags)
+            return self._fds[name]
+
+    def close(self, fsync: bool = False) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                if fsync:
+                    os.fsync(fd)
+                os.close(fd)
+            self._fds.clear()
+
+
 class HFCheckpoint:
     """Lazy view of the safetensors weights of a Hugging Face model directory.
 
@@ -152,8 +183,7 @@ class HFCheckpoint:
             raise ConversionError(f"{self.root}: not a directory (expected a Hugging Face model directory)")
         index_path = self.root / INDEX_NAME
         self.weight_map: Dict[str, str] = {}
-        self._fds: Dict[str, int] = {}
-        self._fd_lock = threading.Lock()
+        self._files = OpenFiles(os.O_RDONLY, lambda file_name: self.root / file_name)
         self._meta: Dict[str, Tuple[torch.dtype, Tuple[int, ...]]] = {}
         self._headers: Dict[str, Dict[str, Tuple[str, Tuple[int, ...], int]]] = {}
         if index_path.exists():
@@ -192,17 +222,8 @@ class HFCheckpoint:
             self._headers[file_name] = _read_header(self.root / file_name)
         return self._headers[file_name]
 
-    def _fd(self, file_name: str) -> int:
-        with self._fd_lock:
-            if file_name not in self._fds:
-                self._fds[file_name] = os.open(self.root / file_name, os.O_RDONLY)
-            return self._fds[file_name]
-
     def close(self) -> None:
-        with self._fd_lock:
-            for fd in self._fds.values():
-                os.close(fd)
-            self._fds.clear()
+        self._files.close()
 
     def __del__(self):
         try:
@@ -246,17 +267,14 @@ class HFCheckpoint:
         offset = self._header(file_name)[name][2]
         out = torch.empty(shape, dtype=dtype)
         try:
-            read_exactly(self._fd(file_name), out, offset)
+            read_exactly(self._files.fd(file_name), out, offset)
         except (OSError, EOFError) as e:
             raise ConversionError(f"{self.root / file_name}: cannot read tensor {name!r} ({e})") from None
         return out
 
     def nbytes(self, name: str) -> int:
         dtype, shape = self._meta[name]
-        n = 1
-        for s in shape:
-            n *= s
-        return n * torch.empty((), dtype=dtype).element_size()
+        return nbytes_of(shape, dtype)
 
     def source_files(self) -> List[str]:
         """The files that make up the checkpoint: its safetensors files, the index, config.json."""
@@ -335,7 +353,7 @@ class SafetensorsWriter:
             entries, pos = {}, 0
             for n in names:
                 _, dtype, shape = specs[n]
-                nbytes = _numel(shape) * dtype.itemsize
+                nbytes = nbytes_of(shape, dtype)
                 entries[n] = {"dtype": _TORCH_TO_ST[dtype], "shape": list(shape), "data_offsets": [pos, pos + nbytes]}
                 pos += nbytes
             header = json.dumps({"__metadata__": {"format": "pt"}, **entries}, separators=(",", ":")).encode()
@@ -345,7 +363,7 @@ class SafetensorsWriter:
             self.file_sizes[file_name] = start + pos
             for n in names:
                 self.offsets[n] = start + entries[n]["data_offsets"][0]
-        self._fds: Dict[str, int] = {}
+        self._files = OpenFiles(os.O_WRONLY, lambda file_name: self.out_dir / file_name)
         self._lock = threading.Lock()
         self.written: set = set()
         self._paused = False
@@ -355,12 +373,6 @@ class SafetensorsWriter:
             with open(self.out_dir / file_name, "wb") as f:
                 f.write(header)
                 f.truncate(self.file_sizes[file_name])
-
-    def _fd(self, file_name: str) -> int:
-        with self._lock:
-            if file_name not in self._fds:
-                self._fds[file_name] = os.open(self.out_dir / file_name, os.O_WRONLY)
-            return self._fds[file_name]
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         if name not in self.specs:
@@ -373,7 +385,7 @@ class SafetensorsWriter:
             if name in self.written:
                 raise ConversionError(f"export produced tensor {name!r} twice")
             self.written.add(name)
-        _write_exactly(self._fd(file_name), tensor.detach().cpu().contiguous(), self.offsets[name])
+        _write_exactly(self._files.fd(file_name), tensor.detach().cpu().contiguous(), self.offsets[name])
         if not self._paused:
             self._paused = True
             pause_for_tests("mid-export")
@@ -382,27 +394,15 @@ class SafetensorsWriter:
         return sorted(set(self.specs) - self.written)
 
     def close(self, fsync: bool = True) -> None:
-        with self._lock:
-            for fd in self._fds.values():
-                if fsync:
-                    os.fsync(fd)
-                os.close(fd)
-            self._fds.clear()
+        self._files.close(fsync=fsync)
 
     def write_index(self) -> None:
         """`model.safetensors.index.json` when there is more than one file."""
         if len(self.headers) > 1:
-            total = sum(_numel(shape) * dtype.itemsize for _, dtype, shape in self.specs.values())
+            total = sum(nbytes_of(shape, dtype) for _, dtype, shape in self.specs.values())
             index = {"metadata": {"total_size": total},
                      "weight_map": {n: f for n, (f, _, _) in sorted(self.specs.items())}}
             (self.out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def write_hf_weights(out_dir: Path, tensors: Iterator[Tuple[str, torch.Tensor]],

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Dict, Optional
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 BIN = Path(sys.executable).parent
@@ -22,6 +23,32 @@ def run_cli(name: str, *args, env: Optional[Dict[str, str]] = None, timeout: int
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([str(BIN / name), *map(str, args)], capture_output=True, text=True, timeout=timeout,
                           env=full_env)
+
+
+def read_all(path: Path) -> Dict[str, tuple]:
+    """name -> (file name, tensor) of every tensor of the safetensors files in `path`."""
+    out = {}
+    for f in sorted(Path(path).glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as h:
+            for k in h.keys():
+                out[k] = (f.name, h.get_tensor(k))
+    return out
+
+
+def assert_same_hf(a: Path, b: Path) -> None:
+    """The two HF directories hold the same tensors, in the same files, dtypes and bits."""
+    ta, tb = read_all(a), read_all(b)
+    assert sorted(ta) == sorted(tb)
+    for name, (file_name, tensor) in ta.items():
+        assert tb[name][0] == file_name, name
+        assert tb[name][1].dtype == tensor.dtype and torch.equal(tb[name][1], tensor), name
+
+
+def assert_cli_export_equals(mcore: Path, hf: Path, out: Path) -> None:
+    """`convert-mcore-to-hf` of the Megatron checkpoint `mcore` into `out` gives back `hf` bit for bit."""
+    proc = run_cli("convert-mcore-to-hf", "--mcore-path", mcore, "--output", out, "--quiet")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_hf(hf, out)
 
 
 def hidden_siblings(path: Path):

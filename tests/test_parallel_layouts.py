@@ -87,10 +87,7 @@ def test_layout(results, case):
 def test_cli_exports_the_checkpoint_megatron_wrote_at_tp2(results, tmp_path):
     """convert-mcore-to-hf (streaming, reads chunk regions) on the checkpoint that megatron-core's
     own writer saved from the TP=2 model (2 ranks: TP-sliced chunks, Mamba factory pieces)."""
-    paths = results["_paths"]
-    proc = subprocess.run([str(BIN / "convert-mcore-to-hf"), "--mcore-path", str(paths["out"] / "mcore_tp2"),
-                           "--output", str(tmp_path / "hf"), "--quiet"], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    from tests.test_streaming import assert_same_hf
+    from tests.cli_helpers import assert_cli_export_equals
 
-    assert_same_hf(paths["hf"], tmp_path / "hf")
+    paths = results["_paths"]
+    assert_cli_export_equals(paths["out"] / "mcore_tp2", paths["hf"], tmp_path / "hf")

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 from transformers import NemotronH_Omni_Reasoning_V3, NemotronHForCausalLM
 
 from bridge import AutoBridge
 from bridge.checkpoint import META_NAME, TRACKER_NAME
 from bridge.tiny_models import (AUDIO_TOKEN, IMAGE_TOKEN, build_hf_model, build_hf_omni_model, save_hf_model,
                                 tiny_config, use_released_field_names)
+from tests.cli_helpers import read_all
 from tests.parity import hf_logits, max_error, megatron_logits, tolerance
 
 # (model, dtype, config naming): the text model, and the Omni model in both config namings.
@@ -29,15 +29,6 @@ def run_cli(name, *args):
     proc = subprocess.run([str(BIN / name), *map(str, args)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
-
-
-def read_all(path: Path):
-    out = {}
-    for f in sorted(path.glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as h:
-            for k in h.keys():
-                out[k] = (f.name, h.get_tensor(k))
-    return out
 
 
 _CACHE = {}

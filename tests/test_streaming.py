@@ -24,8 +24,7 @@ import pytest
 import torch
 
 from bridge.tiny_models import build_hf_omni_model, save_hf_model
-from tests.cli_helpers import BIN, run_cli
-from tests.test_roundtrip_cli import read_all
+from tests.cli_helpers import BIN, assert_cli_export_equals, assert_same_hf, read_all, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,14 +35,6 @@ def torchrun(*args, timeout=600):
                           capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-5000:]
     return proc
-
-
-def assert_same_hf(a: Path, b: Path) -> None:
-    ta, tb = read_all(a), read_all(b)
-    assert sorted(ta) == sorted(tb)
-    for name, (file_name, tensor) in ta.items():
-        assert tb[name][0] == file_name, name
-        assert tb[name][1].dtype == tensor.dtype and torch.equal(tb[name][1], tensor), name
 
 
 @pytest.fixture(scope="module")
@@ -74,10 +65,7 @@ def test_torchrun_splits_both_conversions(omni):
 
     torchrun(BIN / "convert-mcore-to-hf", "--mcore-path", mcore, "--output", tmp / "hf_2ranks", "--quiet")
     assert_same_hf(hf, tmp / "hf_2ranks")
-    proc = run_cli("convert-mcore-to-hf", "--mcore-path", tmp / "mcore_2ranks", "--output", tmp / "hf_from_2ranks",
-                   "--quiet")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert_same_hf(hf, tmp / "hf_from_2ranks")
+    assert_cli_export_equals(tmp / "mcore_2ranks", hf, tmp / "hf_from_2ranks")
 
 
 def test_one_byte_budget_and_many_threads_give_the_same_files(omni):
@@ -173,6 +161,4 @@ def test_dtype_flag_casts_every_parameter(omni, tmp_path):
                       list(reader.tensors["language_model.embedding.word_embeddings.weight"].size))
     want = source["language_model.backbone.embeddings.weight"][1]
     assert torch.equal(emb[: want.shape[0]], want.float())
-    proc = run_cli("convert-mcore-to-hf", "--mcore-path", tmp_path / "mc32", "--output", tmp_path / "hf16", "--quiet")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert_same_hf(hf, tmp_path / "hf16")
+    assert_cli_export_equals(tmp_path / "mc32", hf, tmp_path / "hf16")
