@@ -3,7 +3,7 @@ the Hugging Face model computes?
 
 It loads the transformers model from the HF directory, runs every modality the model has on a fixed
 probe input (fixed seed), frees it, loads the Megatron checkpoint with
-`AutoBridge.load_megatron_model` (which verifies the checkpoint's sha256 first), runs the same probes
+`AutoBridge.load_megatron_model` (which verifies the checkpoint's checksums first), runs the same probes
 and prints a table of max |delta logit| per modality. Exit codes: 0 every modality within tolerance,
 3 a modality above it, 2 bad input (one line on stderr, as the converters), 1 anything unexpected.
 
