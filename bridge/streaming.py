@@ -57,7 +57,7 @@ from torch.distributed.checkpoint.planner import WriteItemType
 from bridge.checkpoint import capture_error, first_rank_error
 from conversion import integrity
 from conversion.errors import ConversionError
-from conversion.safetensors_io import OpenFiles, nbytes_of
+from conversion.safetensors_io import OpenFiles, drop_pages, map_bytes, nbytes_of
 from conversion.split import assign
 from conversion.transforms import to_hf
 
@@ -148,8 +148,13 @@ def meta_model(bridge, dtype: torch.dtype, padded_vocab: Optional[int] = None):
     if any(sizes[k] not in (None, 1) for k in ("tp", "pp", "ep", "vpp")):
         raise ConversionError(f"streaming conversion builds the model at TP=PP=EP=1 (the checkpoint files do not "
                               f"depend on the layout); megatron's parallel state is already initialised with {sizes}")
+    from conversion.omni import SOUND_ENCODER_PREFIX
+
     provider = bridge.to_megatron_provider(dtype=dtype)
     provider.perform_initialization = False
+    if getattr(provider, "has_sound", False):  # the checkpoint's layout needs the names, not transformers
+        provider.sound_encoder_structure = {n[len(SOUND_ENCODER_PREFIX):]: m for n, m in bridge.manifest.items()
+                                            if n.startswith(SOUND_ENCODER_PREFIX)}
     if padded_vocab:
         provider.padded_vocab = padded_vocab
     with torch.device("meta"):
@@ -221,8 +226,13 @@ class _OnDemandPlanner(MCoreSavePlanner):
         if held is not None:
             tensor, n = held
             # torch's writer keeps a reference to every tensor of a file until the file is closed;
-            # emptying the storage frees the bytes now (the tensor has been written).
-            tensor.untyped_storage().resize_(0)
+            # emptying the storage frees the bytes now (the tensor has been written). A tensor the
+            # rule did not transform is the HF file's own mapping (HFCheckpoint.get), whose storage
+            # cannot be resized: its pages are unmapped instead.
+            if tensor.untyped_storage().resizable():
+                tensor.untyped_storage().resize_(0)
+            else:
+                drop_pages(tensor)
             self.budget.release(n)
             self._held.item = None
 
@@ -283,12 +293,18 @@ class _HashingFileSystem(FileSystem):
 
     @contextmanager
     def create_stream(self, path, mode):
+        from torch.utils.serialization import config
+
         with super().create_stream(path, mode) as stream:
             if "w" not in mode:
                 yield stream
                 return
             hashing = _HashingStream(stream)
-            yield hashing
+            # Each chunk is a torch.save record; its zip CRC32 would cost a pass over every byte
+            # (4.5 s of CPU for 9 GiB), and XXH3 of the whole file already guards it (torch.load
+            # does not need the CRC). torch's config overrides are per thread: this is the writer's.
+            with config.patch({"save.compute_crc32": False}):
+                yield hashing
         self.digests[str(Path(path).resolve())] = (hashing.size, hashing.hash.hexdigest())
         self.on_close()
 
@@ -321,15 +337,9 @@ class _OnDemandStrategy(TorchDistSaveShardedStrategy):
         pyt_state = mcore_to_pyt_state_dict(flat, False)
         writer = FileSystemWriter(str(checkpoint_dir), thread_count=self.thread_count)
         writer.fs = _HashingFileSystem(on_close=self.planner.release_held)
-        # Each chunk is a torch.save record; its zip CRC32 would cost a pass over every byte on the
-        # CPU, and XXH3 of the whole file already guards it (torch.load does not need the CRC).
-        from torch.utils.serialization import config
-
-        compute_crc32, config.save.compute_crc32 = config.save.compute_crc32, False
         try:
             dcp.save(pyt_state, storage_writer=writer, planner=self.planner)
         finally:
-            config.save.compute_crc32 = compute_crc32
             self.planner.finish_writing()
         mine = (writer.fs.digests, self.source_sums_of_rank())
         everyone = [mine]
@@ -465,8 +475,7 @@ class DcpReader:
             raise ConversionError(f"{self.dir / info.relative_path}: {fqn!r} is stored with transforms "
                                   f"{info.transform_descriptors} (compressed checkpoints are not supported)")
         try:
-            tensor = torch.load(_FileWindow(self._files.fd(info.relative_path), info.offset, info.length),
-                                map_location="cpu", weights_only=True)
+            tensor = self._load_record(info)
         except ConversionError:
             raise
         except Exception as e:  # noqa: BLE001 - truncated / corrupt record
@@ -476,6 +485,23 @@ class DcpReader:
             raise ConversionError(f"{self.dir / info.relative_path}: {fqn!r} at offset {tuple(chunk.offsets)} holds "
                                   f"{getattr(tensor, 'shape', type(tensor).__name__)}, the metadata says {tuple(chunk.sizes)}")
         return tensor
+
+    def _load_record(self, info) -> torch.Tensor:
+        """The tensor of one torch.save record, its data mapped from the file (no copy; a private
+        mapping). torch.load reads the record's pickle (weights only) with `map_location="meta"`,
+        which gives shape, dtype, strides and, as `_checkpoint_offset`, where the storage's bytes
+        start in the record; a torch without that attribute reads the record the ordinary way."""
+        fd = self._files.fd(info.relative_path)
+        meta = torch.load(_FileWindow(fd, info.offset, info.length), map_location="meta", weights_only=True)
+        storage = meta.untyped_storage() if isinstance(meta, torch.Tensor) else None
+        start = getattr(storage, "_checkpoint_offset", None)
+        if start is None:
+            return torch.load(_FileWindow(fd, info.offset, info.length), map_location="cpu", weights_only=True)
+        nbytes = storage.nbytes()
+        if start + nbytes > info.length:
+            raise EOFError(f"the record's data ends {start + nbytes - info.length} bytes after the record")
+        data = map_bytes(fd, info.offset + start, nbytes)
+        return data.view(meta.dtype).as_strided(meta.shape, meta.stride(), meta.storage_offset())
 
     def read(self, fqn: str, offsets: Sequence[int], sizes: Sequence[int]) -> torch.Tensor:
         """The region `offsets` + `sizes` of the global tensor `fqn`."""
@@ -543,7 +569,7 @@ def convert_megatron_to_hf(bridge, src: Path, output: Path, overwrite: bool = Fa
     specs = bridge.hf_specs()
     sizes = [sum(nbytes_of(specs[h][2], specs[h][1]) for h in r.hf) for r in rules]
     owners = assign(sizes, ranks)
-    mine = [r for r, owner in zip(rules, owners) if owner == rank]
+    mine = _interleave_files([r for r, owner in zip(rules, owners) if owner == rank], lambda r: specs[r.hf[0]][0])
 
     context = tmp = None
     if rank == 0:
@@ -615,6 +641,18 @@ def convert_megatron_to_hf(bridge, src: Path, output: Path, overwrite: bool = Fa
         context.__exit__(None, None, None)  # the atomic rename
     if ranks > 1:
         dist.barrier()  # the output is in place on every rank's return
+
+
+def _interleave_files(rules: List, file_of: Callable) -> List:
+    """`rules` reordered so that consecutive ones write to different files (round robin over the
+    files, each file's rules in their order): a file system serialises writes to one file (ext4
+    takes the file's lock for each), so threads that work on consecutive rules write in parallel
+    only if those go to different files."""
+    by_file: Dict[str, List] = {}
+    for rule in rules:
+        by_file.setdefault(file_of(rule), []).append(rule)
+    queues = list(by_file.values())
+    return [q[i] for i in range(max(map(len, queues), default=0)) for q in queues if i < len(q)]
 
 
 def _run_all(fn: Callable, items: Sequence, threads: int) -> None:

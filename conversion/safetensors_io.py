@@ -20,6 +20,7 @@ import contextvars
 import ctypes
 import json
 import math
+import mmap
 import os
 import shutil
 import tempfile
@@ -260,17 +261,18 @@ class HFCheckpoint:
         return self._meta[name][1]
 
     def get(self, name: str) -> torch.Tensor:
+        """The tensor `name`, mapped from its file (`map_bytes`: no copy, the page cache's pages).
+        They count in this process's RSS while it is used; `drop_pages(tensor)` gives them back
+        early (the mapping itself goes with the tensor)."""
         if name not in self.weight_map:
             raise ConversionError(f"{self.root}: tensor {name!r} not found in the checkpoint")
         file_name = self.weight_map[name]
         dtype, shape = self._meta[name]
         offset = self._header(file_name)[name][2]
-        out = torch.empty(shape, dtype=dtype)
         try:
-            read_exactly(self._files.fd(file_name), out, offset)
-        except (OSError, EOFError) as e:
+            return map_bytes(self._files.fd(file_name), offset, nbytes_of(shape, dtype)).view(dtype).view(shape)
+        except (OSError, EOFError, ValueError) as e:
             raise ConversionError(f"{self.root / file_name}: cannot read tensor {name!r} ({e})") from None
-        return out
 
     def nbytes(self, name: str) -> int:
         dtype, shape = self._meta[name]
@@ -313,6 +315,56 @@ def _byte_view(tensor: torch.Tensor):
     impossible to free early (see bridge/streaming.py)."""
     assert tensor.is_contiguous() and tensor.device.type == "cpu"
     return memoryview((ctypes.c_char * tensor.nbytes).from_address(tensor.data_ptr())).cast("B")
+
+
+def _libc():
+    """The C library's fallocate and madvise (Linux), or None elsewhere."""
+    if not hasattr(mmap, "MADV_DONTNEED"):
+        return None
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc
+
+
+_LIBC = _libc()
+
+
+def allocate(fd: int, size: int) -> None:
+    """Make the file `size` bytes long with its blocks allocated up front (fallocate): threads then
+    fill it at any offsets without the file system allocating blocks under the file's lock on
+    every write (measured on ext4, 4 threads filling 2 files of 4 GiB: 8.2 s with allocated
+    blocks, 10.7 s for sparse files, sync included). A sparse file where fallocate is unsupported."""
+    if _LIBC is None or _LIBC.fallocate(fd, 0, 0, size) != 0:
+        os.ftruncate(fd, size)
+
+
+def map_bytes(fd: int, offset: int, nbytes: int) -> torch.Tensor:
+    """Bytes [offset, offset + nbytes) of file `fd` as a uint8 tensor that maps them (no copy): a
+    private copy-on-write mapping, so writing to the tensor never changes the file; its storage is
+    exactly these bytes and not resizable (see `drop_pages`). A file too short is refused
+    (EOFError); one truncated while mapped would fault when the missing pages are touched."""
+    if nbytes == 0:
+        return torch.empty(0, dtype=torch.uint8)
+    size = os.fstat(fd).st_size
+    if offset + nbytes > size:
+        raise EOFError(f"file ends {offset + nbytes - size} bytes early")
+    start = offset - offset % mmap.ALLOCATIONGRANULARITY
+    region = mmap.mmap(fd, offset + nbytes - start, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE,
+                       offset=start)
+    return torch.frombuffer(region, dtype=torch.uint8, count=nbytes, offset=offset - start)
+
+
+def drop_pages(tensor: torch.Tensor) -> None:
+    """Unmap from this process the whole pages of a tensor returned by `HFCheckpoint.get` (a
+    private file mapping): its RSS falls now, although something (torch's checkpoint writer) may
+    still hold the tensor. Reading it afterwards would read the file again; it is not read."""
+    page = mmap.PAGESIZE
+    begin = -(-tensor.data_ptr() // page) * page
+    end = (tensor.data_ptr() + tensor.untyped_storage().nbytes()) // page * page
+    if end > begin and _LIBC is not None:
+        _LIBC.madvise(begin, end - begin, mmap.MADV_DONTNEED)
+
 
 
 def read_exactly(fd: int, out: torch.Tensor, offset: int) -> None:
@@ -372,7 +424,7 @@ class SafetensorsWriter:
         for file_name, header in self.headers.items():
             with open(self.out_dir / file_name, "wb") as f:
                 f.write(header)
-                f.truncate(self.file_sizes[file_name])
+                allocate(f.fileno(), self.file_sizes[file_name])
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         if name not in self.specs:

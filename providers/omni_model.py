@@ -116,10 +116,15 @@ def evs_retention_mask(video: torch.Tensor, frames: int, rows: int, cols: int, p
 
 
 class SoundEncoder(MegatronModule):
-    """transformers' Parakeet (FastConformer) encoder, held as `.encoder`."""
+    """transformers' Parakeet (FastConformer) encoder, held as `.encoder` (made from the HF
+    `sound_config`, or given: the conversion's structure-only stand-in, see
+    `NemotronOmniModelProvider.sound_encoder_structure`)."""
 
-    def __init__(self, config, sound_config: dict):
+    def __init__(self, config, sound_config):
         super().__init__(config=config)
+        if isinstance(sound_config, torch.nn.Module):
+            self.encoder = sound_config
+            return
         from transformers import ParakeetEncoder, ParakeetEncoderConfig
 
         cfg = {k: v for k, v in sound_config.items() if k != "model_type"}

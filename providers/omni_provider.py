@@ -37,6 +37,23 @@ def carried_tensor_module(carried: dict) -> torch.nn.Module:
     return module
 
 
+def tensor_tree(tensors: dict, float_dtype: torch.dtype) -> torch.nn.Module:
+    """Nested modules holding a zero buffer at each dotted name of `tensors` (name -> {shape,
+    dtype}; floating-point ones in `float_dtype`, as `module.to(float_dtype)` would leave them):
+    a module's state-dict structure without the module (see `sound_encoder_structure`)."""
+    root = torch.nn.Module()
+    for name, meta in sorted(tensors.items()):
+        *path, leaf = name.split(".")
+        module = root
+        for part in path:
+            if not hasattr(module, part):
+                module.add_module(part, torch.nn.Module())
+            module = getattr(module, part)
+        dtype = _DTYPES[meta["dtype"]]
+        module.register_buffer(leaf, torch.zeros(meta["shape"], dtype=float_dtype if dtype.is_floating_point else dtype))
+    return root
+
+
 def _derived(base, **overrides):
     """A finalized copy of `base` (a provider / TransformerConfig) with `overrides` applied."""
     cfg = copy.copy(base)
@@ -151,6 +168,10 @@ class NemotronOmniModelProvider(NemotronVLModelProvider):
     sound_projection_hidden_size: int = 4096
     sound_context_token_id: int = 0
     sound_config: Optional[dict] = None
+    # Conversion only: the Parakeet encoder's tensors (name under `encoder.` -> {shape, dtype}); the
+    # model then holds just their structure (`tensor_tree`), which is all a checkpoint's layout
+    # needs, instead of transformers' module (whose import costs seconds).
+    sound_encoder_structure: Optional[dict] = None
     freeze_sound_encoder: bool = False
     freeze_sound_projection: bool = False
     temporal_patch_dim: int = 1
@@ -166,6 +187,8 @@ class NemotronOmniModelProvider(NemotronVLModelProvider):
     def _build_sound_encoder(self, language_cfg):
         from providers.omni_model import SoundEncoder
 
+        if self.sound_encoder_structure is not None:
+            return SoundEncoder(language_cfg, tensor_tree(self.sound_encoder_structure, language_cfg.params_dtype))
         if not self.sound_config:
             raise ValueError("has_sound=True needs sound_config (the HF Parakeet encoder config)")
         return SoundEncoder(language_cfg, self.sound_config)
