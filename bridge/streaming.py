@@ -30,6 +30,7 @@ safetensors files, which rank 0 laid out).
 
 from __future__ import annotations
 
+import heapq
 import io
 import json
 import math
@@ -569,7 +570,9 @@ def convert_megatron_to_hf(bridge, src: Path, output: Path, overwrite: bool = Fa
     specs = bridge.hf_specs()
     sizes = [sum(nbytes_of(specs[h][2], specs[h][1]) for h in r.hf) for r in rules]
     owners = assign(sizes, ranks)
-    mine = _interleave_files([r for r, owner in zip(rules, owners) if owner == rank], lambda r: specs[r.hf[0]][0])
+    size_of = dict(zip((r.megatron for r in rules), sizes))
+    mine = _interleave_files([r for r, owner in zip(rules, owners) if owner == rank],
+                             lambda r: (specs[r.hf[0]][0], size_of[r.megatron]))
 
     context = tmp = None
     if rank == 0:
@@ -643,16 +646,26 @@ def convert_megatron_to_hf(bridge, src: Path, output: Path, overwrite: bool = Fa
         dist.barrier()  # the output is in place on every rank's return
 
 
-def _interleave_files(rules: List, file_of: Callable) -> List:
-    """`rules` reordered so that consecutive ones write to different files (round robin over the
-    files, each file's rules in their order): a file system serialises writes to one file (ext4
-    takes the file's lock for each), so threads that work on consecutive rules write in parallel
-    only if those go to different files."""
-    by_file: Dict[str, List] = {}
+def _interleave_files(rules: List, file_and_bytes: Callable) -> List:
+    """`rules` reordered so that consecutive ones write to different files, each file's rules in
+    their order, the next rule always from the file with the fewest bytes scheduled so far (so the
+    files fill at the same rate and finish together): a file system serialises the writes to one
+    file (ext4 takes the file's lock for each), so the threads, which take consecutive rules, write
+    in parallel only while those go to different files."""
+    queues: Dict[str, List] = {}
     for rule in rules:
-        by_file.setdefault(file_of(rule), []).append(rule)
-    queues = list(by_file.values())
-    return [q[i] for i in range(max(map(len, queues), default=0)) for q in queues if i < len(q)]
+        queues.setdefault(file_and_bytes(rule)[0], []).append(rule)
+    heap = [(0, name) for name in sorted(queues)]
+    position = dict.fromkeys(queues, 0)
+    out = []
+    while heap:
+        scheduled, name = heapq.heappop(heap)
+        rule = queues[name][position[name]]
+        out.append(rule)
+        position[name] += 1
+        if position[name] < len(queues[name]):
+            heapq.heappush(heap, (scheduled + file_and_bytes(rule)[1], name))
+    return out
 
 
 def _run_all(fn: Callable, items: Sequence, threads: int) -> None:

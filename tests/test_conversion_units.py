@@ -123,3 +123,29 @@ def test_config_errors_name_the_field(mutate, message):
     mutate(text)
     with pytest.raises(ConversionError, match=message.replace("(", r"\(").replace("*", r"\*")):
         hf_config.parse_config(text)
+
+
+def test_hf_tensors_are_mapped_copy_on_write(tmp_path):
+    """`HFCheckpoint.get` maps the file instead of copying it: the values are the file's (odd
+    offsets, several dtypes, an empty tensor), writing to a tensor never changes the file, and after
+    `drop_pages` (the streaming writer's early release) it still reads the file's values."""
+    from safetensors.torch import save_file
+
+    from conversion.safetensors_io import HFCheckpoint, drop_pages
+
+    tensors = {"a": torch.arange(3, dtype=torch.int8), "b": torch.randn(300, 700).to(torch.bfloat16),
+               "c": torch.randn(5, 3), "empty": torch.zeros(0, 4)}
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    before = (tmp_path / "model.safetensors").read_bytes()
+    ckpt = HFCheckpoint(tmp_path)
+    for name, want in tensors.items():
+        got = ckpt.get(name)
+        assert got.dtype == want.dtype and torch.equal(got, want), name
+    b = ckpt.get("b")
+    b.fill_(1)
+    drop_pages(b)
+    assert torch.equal(ckpt.get("b"), tensors["b"])
+    assert (tmp_path / "model.safetensors").read_bytes() == before
+    c = ckpt.get("c")
+    drop_pages(c)
+    assert torch.equal(c, tensors["c"])

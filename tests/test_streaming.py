@@ -162,3 +162,72 @@ def test_dtype_flag_casts_every_parameter(omni, tmp_path):
     want = source["language_model.backbone.embeddings.weight"][1]
     assert torch.equal(emb[: want.shape[0]], want.float())
     assert_cli_export_equals(tmp_path / "mc32", hf, tmp_path / "hf16")
+
+
+def test_every_writer_thread_skips_the_record_crc32(omni):
+    """torch's serialization config is per thread: the CRC32 that XXH3 makes redundant must be off
+    in each of the writer's threads (one data file each), not only in the calling one."""
+    _, _, mcore = omni
+    import io
+    import zipfile
+
+    from bridge.streaming import DcpReader
+
+    reader = DcpReader(mcore / "release")
+    files = {}  # data file -> its largest tensor record
+    for (fqn, _), info in reader.storage.items():
+        if hasattr(reader.tensors[fqn], "chunks") and info.length > files.get(info.relative_path, (0,))[0]:
+            files[info.relative_path] = (info.length, info)
+    assert len(files) > 1, files  # several writer threads
+    for name, (_, info) in files.items():
+        record = os.pread(reader._files.fd(name), info.length, info.offset)
+        entries = zipfile.ZipFile(io.BytesIO(record)).infolist()
+        data = [e for e in entries if "/data/" in e.filename and e.file_size > 0]
+        assert data and all(e.CRC == 0 for e in data), (name, [(e.filename, e.CRC) for e in entries])
+
+
+def test_conversion_model_takes_the_sound_encoders_structure_from_the_manifest(omni):
+    """The conversion's meta model holds the Parakeet encoder as a tree of its tensors' names, shapes
+    and dtypes (no transformers import); its checkpoint entries must equal those of transformers'
+    own module in the same model, for the source dtype and for a cast (floating tensors follow
+    params_dtype, integer counters keep theirs)."""
+    _, hf, _ = omni
+    script = f"""
+import sys, warnings; warnings.filterwarnings("ignore")
+import torch
+from bridge import AutoBridge, checkpoint
+from bridge.streaming import meta_model, _param_entries
+
+bridge = AutoBridge.from_hf_pretrained({str(hf)!r})
+dtypes = (torch.bfloat16, torch.float32)
+structures = [_param_entries(checkpoint.sharded_state(meta_model(bridge, dtype))["model"]) for dtype in dtypes]
+assert "transformers" not in sys.modules
+for dtype, structure in zip(dtypes, structures):
+    provider = bridge.to_megatron_provider(dtype=dtype)
+    provider.perform_initialization = False
+    with torch.device("meta"):
+        real = _param_entries(checkpoint.sharded_state(provider.provide())["model"])
+    assert sorted(structure) == sorted(real), sorted(set(structure) ^ set(real))
+    sound = [k for k in real if k.startswith("sound_encoder.")]
+    assert len(sound) > 20 and any(real[k].data.dtype == torch.int64 for k in sound)
+    def entry(e):  # a ShardedTensor, or a factory (Mamba in_proj / conv1d) with its key and data
+        where = (e.global_shape, e.global_offset, e.allow_shape_mismatch) if hasattr(e, "global_shape") else ()
+        return (type(e), e.key, e.data.dtype, tuple(e.data.shape), e.replica_id) + where
+    for k in real:
+        assert entry(structure[k]) == entry(real[k]), k
+print("ok")
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
+def test_export_interleaves_output_files_by_bytes():
+    from bridge.streaming import _interleave_files
+
+    rules = [("a", 1, 10), ("a", 2, 10), ("a", 3, 10), ("b", 4, 30), ("b", 5, 1), ("c", 6, 5)]
+    order = _interleave_files(rules, lambda r: (r[0], r[2]))
+    assert sorted(order) == sorted(rules)
+    for f in "abc":  # each file's rules keep their order
+        assert [r for r in order if r[0] == f] == [r for r in rules if r[0] == f]
+    # next from the file with the fewest bytes scheduled: a(0) b(0) c(0) a(10) a(20) b(30)
+    assert [r[1] for r in order] == [1, 4, 6, 2, 3, 5]
