@@ -9,14 +9,15 @@ TP / PP / EP / VPP layout.
 HF -> Megatron (`convert_hf_to_megatron`), the path of one tensor:
   megatron-core `dist_checkpointing.save` -> torch.distributed.checkpoint's FileSystemWriter (one
   file per writer thread) asks `_OnDemandPlanner.resolve_data` for a chunk ->
-  `AutoBridge.megatron_tensor(rule)` reads the HF tensor(s) (os.pread) and applies the rule's
+  `AutoBridge.megatron_tensor(rule)` maps the HF tensor(s) (no copy) and applies the rule's
   transform (e.g. q, k, v -> fused QKV) -> for a sharded factory (Mamba in_proj z/x/B/C/dt) the
   factory's own build function cuts the piece -> written -> its memory is released before the same
   thread makes its next tensor. Each routed expert is its own chunk, read from its own HF tensor.
 Megatron -> HF (`convert_megatron_to_hf`): for each rule of the name table, `DcpReader` reads the
 regions of the checkpoint that hold the rule's parameter (a factory's pieces are merged by the
 factory's own merge function), `to_hf` splits it into HF tensors and `SafetensorsWriter` writes
-each at its offset in the pre-laid-out files. Worker threads take different rules.
+each at its offset in the pre-laid-out files. Worker threads take different rules, ordered so that
+rules running at the same time write to different files (`_interleave_files`).
 
 Memory: `ByteBudget` bounds the bytes of tensors that all threads hold at once (a tensor larger
 than the budget runs alone), so the peak is about the budget plus the largest tensor's transform

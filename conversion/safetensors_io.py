@@ -1,9 +1,9 @@
 """Reading and writing Hugging Face safetensors checkpoints (single file or sharded with an index).
 
-Reading is lazy: `HFCheckpoint` reads one tensor's bytes at a time with `os.pread` straight into a
-fresh tensor (no mmap: mapped pages would count in the process's resident memory, and a 5 GB shard
-would show as 5 GB), so nothing larger than the tensor asked for is materialised, and threads can
-read in parallel. Writing (`SafetensorsWriter`) lays every file out from the names, dtypes and
+Reading is lazy: `HFCheckpoint.get` maps one tensor's bytes at a time (`map_bytes`: a private
+mapping of just that tensor, no copy), so nothing larger than the tensor asked for is resident (the
+mapped pages count in the process's RSS while the tensor lives; `drop_pages` releases them early),
+and threads can read in parallel. Writing (`SafetensorsWriter`) lays every file out from the names, dtypes and
 shapes first (header, offsets, file size), then each tensor is written at its offset with
 `os.pwrite` whenever it arrives, in any order, from any thread or rank: no file is ever buffered
 in memory. The safetensors library has no such writer (`save_file` takes a whole dict of tensors);
@@ -175,7 +175,7 @@ class HFCheckpoint:
     """Lazy view of the safetensors weights of a Hugging Face model directory.
 
     Opening it reads and checks every shard's header (see `read_safetensors_header`); tensor data
-    is read only by `get` (thread-safe: `os.pread` on one descriptor per file).
+    is read only by `get` (thread-safe: a mapping per tensor of one descriptor per file).
     """
 
     def __init__(self, root: str | os.PathLike):
@@ -365,16 +365,6 @@ def drop_pages(tensor: torch.Tensor) -> None:
     if end > begin and _LIBC is not None:
         _LIBC.madvise(begin, end - begin, mmap.MADV_DONTNEED)
 
-
-
-def read_exactly(fd: int, out: torch.Tensor, offset: int) -> None:
-    """Fill the contiguous tensor `out` with the bytes of file `fd` at `offset` (os.pread)."""
-    view, done = _byte_view(out), 0
-    while done < len(view):
-        n = os.preadv(fd, [view[done:]], offset + done)
-        if n == 0:
-            raise EOFError(f"file ends {len(view) - done} bytes early")
-        done += n
 
 
 def _write_exactly(fd: int, tensor: torch.Tensor, offset: int) -> None:
