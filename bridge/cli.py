@@ -69,17 +69,10 @@ def _run(main: Callable[[argparse.Namespace], Optional[int]], parser: argparse.A
 
 @contextmanager
 def _startup():
-    """The conversion CLIs' start-up (imports, preflight, the bridge), with two process-wide
-    settings that make a conversion about a third faster on a small machine (measured on 2 cores,
-    benchmarks/conversion.py):
-    - torch allocates tensors of 2 MiB and more on transparent huge pages (THP_MEM_ALLOC_ENABLE,
-      read by torch at its first allocation, so set before torch is imported): every tensor read from
-      the source is fresh memory, and faulting it in 4 KiB pages cost twice the read itself;
-    - the cyclic garbage collector is off during start-up (it traversed the millions of objects that
-      importing torch and megatron creates again and again: seconds); afterwards those objects are
-      frozen out of its sight and it runs again for the conversion."""
-    if "torch" not in sys.modules:
-        os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    """The conversion CLIs' start-up (imports, preflight, the bridge) with Python's cyclic garbage
+    collector off: it traversed the millions of objects that importing torch and megatron creates
+    again and again (about 3 s on 2 cores, benchmarks/conversion.py). Afterwards those objects are
+    frozen out of its sight and it runs again for the conversion."""
     enabled = gc.isenabled()
     gc.disable()
     try:

@@ -3,8 +3,8 @@
 Reading is lazy: `HFCheckpoint.get` maps one tensor's bytes at a time (`map_bytes`: a private
 mapping of just that tensor, no copy), so nothing larger than the tensor asked for is resident (the
 mapped pages count in the process's RSS while the tensor lives; `drop_pages` releases them early),
-and threads can read in parallel. Writing (`SafetensorsWriter`) lays every file out from the names, dtypes and
-shapes first (header, offsets, file size), then each tensor is written at its offset with
+and threads can read in parallel. Writing (`SafetensorsWriter`) lays every file out from the names,
+dtypes and shapes first (header, offsets, file size), then each tensor is written at its offset with
 `os.pwrite` whenever it arrives, in any order, from any thread or rank: no file is ever buffered
 in memory. The safetensors library has no such writer (`save_file` takes a whole dict of tensors);
 the files are plain safetensors (8-byte header length, JSON header, contiguous data) and the tests
@@ -23,8 +23,10 @@ import math
 import mmap
 import os
 import shutil
+import sys
 import tempfile
 import threading
+import weakref
 from pathlib import Path
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
@@ -318,16 +320,21 @@ def _byte_view(tensor: torch.Tensor):
 
 
 def _libc():
-    """The C library's fallocate and madvise (Linux), or None elsewhere."""
-    if not hasattr(mmap, "MADV_DONTNEED"):
+    """The C library's mmap / munmap / madvise / fallocate on Linux; None elsewhere (the code then
+    maps with Python's mmap module and allocates sparse files)."""
+    if not sys.platform.startswith("linux"):
         return None
     libc = ctypes.CDLL(None, use_errno=True)
-    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int64]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
     return libc
 
 
 _LIBC = _libc()
+_MAP_FAILED = ctypes.c_void_p(-1).value
 
 
 def allocate(fd: int, size: int) -> None:
@@ -342,29 +349,40 @@ def allocate(fd: int, size: int) -> None:
 def map_bytes(fd: int, offset: int, nbytes: int) -> torch.Tensor:
     """Bytes [offset, offset + nbytes) of file `fd` as a uint8 tensor that maps them (no copy): a
     private copy-on-write mapping, so writing to the tensor never changes the file; its storage is
-    exactly these bytes and not resizable (see `drop_pages`). A file too short is refused
-    (EOFError); one truncated while mapped would fault when the missing pages are touched."""
+    exactly these bytes and not resizable (see `drop_pages`), and it is unmapped when the tensor's
+    storage is freed. The mapping holds no file descriptor (Python's mmap objects hold one each:
+    torch's checkpoint writer keeps a tensor per parameter name until its file is closed, hundreds
+    at once). A file too short is refused (EOFError); one truncated while mapped would fault when
+    the missing pages are touched."""
     if nbytes == 0:
         return torch.empty(0, dtype=torch.uint8)
     size = os.fstat(fd).st_size
     if offset + nbytes > size:
         raise EOFError(f"file ends {offset + nbytes - size} bytes early")
     start = offset - offset % mmap.ALLOCATIONGRANULARITY
-    region = mmap.mmap(fd, offset + nbytes - start, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE,
-                       offset=start)
+    length = offset + nbytes - start
+    if _LIBC is None:
+        region = mmap.mmap(fd, length, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=start)
+    else:
+        address = _LIBC.mmap(None, length, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE, fd, start)
+        if address in (None, _MAP_FAILED):
+            raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+        _LIBC.madvise(address, length, mmap.MADV_WILLNEED)  # not in the page cache: read ahead in one go
+        region = (ctypes.c_char * length).from_address(address)
+        weakref.finalize(region, _LIBC.munmap, address, length)  # when the tensor's storage lets go
     return torch.frombuffer(region, dtype=torch.uint8, count=nbytes, offset=offset - start)
 
 
 def drop_pages(tensor: torch.Tensor) -> None:
     """Unmap from this process the whole pages of a tensor returned by `HFCheckpoint.get` (a
     private file mapping): its RSS falls now, although something (torch's checkpoint writer) may
-    still hold the tensor. Reading it afterwards would read the file again; it is not read."""
-    page = mmap.PAGESIZE
-    begin = -(-tensor.data_ptr() // page) * page
-    end = (tensor.data_ptr() + tensor.untyped_storage().nbytes()) // page * page
+    still hold the tensor. Reading it afterwards would read the file again; it is not read. (Linux;
+    elsewhere a no-op.)"""
+    storage, page = tensor.untyped_storage(), mmap.PAGESIZE
+    begin = -(-storage.data_ptr() // page) * page
+    end = (storage.data_ptr() + storage.nbytes()) // page * page
     if end > begin and _LIBC is not None:
         _LIBC.madvise(begin, end - begin, mmap.MADV_DONTNEED)
-
 
 
 def _write_exactly(fd: int, tensor: torch.Tensor, offset: int) -> None:

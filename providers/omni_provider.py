@@ -31,26 +31,25 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 def carried_tensor_module(carried: dict) -> torch.nn.Module:
     """Buffers named like `conversion.omni.carried_megatron_name` ('.' -> '__'), zero-filled."""
-    module = torch.nn.Module()
-    for name, meta in sorted(carried.items()):
-        module.register_buffer(name.replace(".", "__"), torch.zeros(meta["shape"], dtype=_DTYPES[meta["dtype"]]))
-    return module
+    return tensor_tree({name.replace(".", "__"): meta for name, meta in carried.items()})
 
 
-def tensor_tree(tensors: dict, float_dtype: torch.dtype) -> torch.nn.Module:
+def tensor_tree(tensors: dict, float_dtype: Optional[torch.dtype] = None) -> torch.nn.Module:
     """Nested modules holding a zero buffer at each dotted name of `tensors` (name -> {shape,
-    dtype}; floating-point ones in `float_dtype`, as `module.to(float_dtype)` would leave them):
-    a module's state-dict structure without the module (see `sound_encoder_structure`)."""
+    dtype}; floating-point ones in `float_dtype` when given, as `module.to(float_dtype)` would leave
+    them): a module's state-dict structure without the module (see `sound_encoder_structure`)."""
     root = torch.nn.Module()
     for name, meta in sorted(tensors.items()):
         *path, leaf = name.split(".")
         module = root
         for part in path:
-            if not hasattr(module, part):
+            if part not in module._modules:
                 module.add_module(part, torch.nn.Module())
-            module = getattr(module, part)
+            module = module._modules[part]
         dtype = _DTYPES[meta["dtype"]]
-        module.register_buffer(leaf, torch.zeros(meta["shape"], dtype=float_dtype if dtype.is_floating_point else dtype))
+        if float_dtype is not None and dtype.is_floating_point:
+            dtype = float_dtype
+        module.register_buffer(leaf, torch.zeros(meta["shape"], dtype=dtype))
     return root
 
 
