@@ -538,17 +538,23 @@ def main(argv=None) -> int:
 
     cmds = commands(slice_dir, args.workdir)
     try:
-        for name in [c for c in ORDER if c in selected]:
-            cmd, output = cmds[name]
-            samples = []
-            for i in range(args.repeat):
+        # Rounds of every command, not every repeat of one command after the other: the disk of a
+        # virtual machine can change speed by 2x within minutes, and the ratios should compare
+        # commands that ran under the same conditions.
+        names = [c for c in ORDER if c in selected]
+        samples = {name: [] for name in names}
+        for i in range(args.repeat):
+            for name in names:
+                cmd, output = cmds[name]
                 print(f"run: {name} ({i + 1}/{args.repeat}) ...", flush=True)
                 source = cmds["hf2mcore"][1] if name == "mcore2hf" else slice_dir
-                samples.append(measure(cmd, output, args.drop_caches, source, args.workdir))
-                print(f"     {samples[-1]['wall_s']:.1f} s, peak RSS {samples[-1]['peak_rss_bytes'] / GiB:.2f} GiB", flush=True)
-            report["results"][name] = summary(samples)
-            if name in ("cp", "transformers") and not args.keep:
-                remove(output)
+                samples[name].append(measure(cmd, output, args.drop_caches, source, args.workdir))
+                print(f"     {samples[name][-1]['wall_s']:.1f} s, peak RSS {samples[name][-1]['peak_rss_bytes'] / GiB:.2f} GiB",
+                      flush=True)
+                if name in ("cp", "transformers") and not args.keep:
+                    remove(output)
+        for name in names:
+            report["results"][name] = summary(samples[name])
         if args.verify:
             report["verified_tensors"] = verify_round_trip(slice_dir, cmds["mcore2hf"][1])
     finally:
@@ -560,6 +566,13 @@ def main(argv=None) -> int:
             slice_dir.with_name(slice_dir.name + ".stamp.json").unlink(missing_ok=True)
 
     print("\n" + table(report["results"]))
+    if "cp" in report["results"] and args.repeat > 1:  # each round's own ratio (same conditions)
+        cp_runs = [s["wall_s"] for s in report["results"]["cp"]["samples"]]
+        for name, result in report["results"].items():
+            if name != "cp":
+                ratios = [s["wall_s"] / c for s, c in zip(result["samples"], cp_runs)]
+                result["round_ratios"] = ratios
+                print(f"{LABELS[name]} / `cp -r`, round by round: {', '.join(f'{r:.2f}' for r in ratios)}")
     if args.verify:
         print(f"\nround trip: all {report['verified_tensors']} tensors of the export equal the slice bit for bit")
     if args.json:

@@ -50,7 +50,6 @@ def digest_file(path: Path, algorithm: str = "xxh3_128") -> str:
         size = os.fstat(f.fileno()).st_size
         for start in range(0, size, _WINDOW):
             with mmap.mmap(f.fileno(), min(_WINDOW, size - start), prot=mmap.PROT_READ, offset=start) as window:
-                window.madvise(mmap.MADV_WILLNEED)  # from disk: one large read, not a fault per few pages
                 h.update(window)  # both hashes release the GIL: files hash in parallel in threads
     return h.hexdigest()
 

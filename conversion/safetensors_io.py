@@ -367,7 +367,6 @@ def map_bytes(fd: int, offset: int, nbytes: int) -> torch.Tensor:
         address = _LIBC.mmap(None, length, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE, fd, start)
         if address in (None, _MAP_FAILED):
             raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
-        _LIBC.madvise(address, length, mmap.MADV_WILLNEED)  # not in the page cache: read ahead in one go
         region = (ctypes.c_char * length).from_address(address)
         weakref.finalize(region, _LIBC.munmap, address, length)  # when the tensor's storage lets go
     return torch.frombuffer(region, dtype=torch.uint8, count=nbytes, offset=offset - start)
