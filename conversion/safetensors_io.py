@@ -368,7 +368,8 @@ def map_bytes(fd: int, offset: int, nbytes: int) -> torch.Tensor:
         if address in (None, _MAP_FAILED):
             raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
         region = (ctypes.c_char * length).from_address(address)
-        weakref.finalize(region, _LIBC.munmap, address, length)  # when the tensor's storage lets go
+        unmap = weakref.finalize(region, _LIBC.munmap, address, length)  # when the tensor's storage lets go
+        unmap.atexit = False  # at exit the process's mappings go with it; never unmap under a live object
     return torch.frombuffer(region, dtype=torch.uint8, count=nbytes, offset=offset - start)
 
 
