@@ -36,8 +36,9 @@ Usage (from the repository root, with the venv active):
   python benchmarks/conversion.py --moe-layers 2 --commands cp,transformers --json out.json
 
 Other options: --workdir DIR (default /tmp/nemotron-omni-bench), --repeat N (N rounds of the
-commands; median wall time, largest peak, each round's ratio to cp -r), --keep (keep the outputs), --clean (also delete the cached slice at the end),
---drop-caches (drop the page cache before every run; needs root), --generate-only.
+commands; median wall time, largest peak, each round's ratio to cp -r), --keep (keep the outputs),
+--clean (also delete the cached slice at the end), --drop-caches (drop the page cache before every
+run; needs root), --generate-only.
 Disk needed: about 3x the slice (slice + Megatron checkpoint + HF export).
 """
 

@@ -8,6 +8,9 @@ benchmarks/conversion.py, not here.)
 - `DcpReader` reads a region that crosses chunk borders (two experts) as the HF tensors hold it,
   and refuses a `.metadata` pickle that would run code, without running it.
 - `ByteBudget`: a request above the limit waits for an empty budget and then runs alone.
+- Every writer thread writes its records without the zip CRC32; the conversion's meta model takes
+  the Parakeet encoder's structure from the manifest and gives transformers' module's checkpoint
+  entries; the export orders its work so that concurrent threads fill different files.
 Checkpoints that megatron-core itself wrote from TP=2 models are exported by the CLI in
 tests/test_parallel_layouts.py and tests/test_parallel_omni.py.
 """
