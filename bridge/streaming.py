@@ -59,6 +59,7 @@ from torch.distributed.checkpoint.planner import WriteItemType
 from bridge.checkpoint import capture_error, first_rank_error
 from conversion import integrity
 from conversion.errors import ConversionError
+from conversion.omni import SOUND_ENCODER_PREFIX
 from conversion.safetensors_io import OpenFiles, drop_pages, map_bytes, nbytes_of
 from conversion.split import assign
 from conversion.transforms import to_hf
@@ -150,8 +151,6 @@ def meta_model(bridge, dtype: torch.dtype, padded_vocab: Optional[int] = None):
     if any(sizes[k] not in (None, 1) for k in ("tp", "pp", "ep", "vpp")):
         raise ConversionError(f"streaming conversion builds the model at TP=PP=EP=1 (the checkpoint files do not "
                               f"depend on the layout); megatron's parallel state is already initialised with {sizes}")
-    from conversion.omni import SOUND_ENCODER_PREFIX
-
     provider = bridge.to_megatron_provider(dtype=dtype)
     provider.perform_initialization = False
     if getattr(provider, "has_sound", False):  # the checkpoint's layout needs the names, not transformers

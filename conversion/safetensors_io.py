@@ -272,7 +272,7 @@ class HFCheckpoint:
         dtype, shape = self._meta[name]
         offset = self._header(file_name)[name][2]
         try:
-            return map_bytes(self._files.fd(file_name), offset, nbytes_of(shape, dtype)).view(dtype).view(shape)
+            return map_bytes(self._files.fd(file_name), offset, self.nbytes(name)).view(dtype).view(shape)
         except (OSError, EOFError, ValueError) as e:
             raise ConversionError(f"{self.root / file_name}: cannot read tensor {name!r} ({e})") from None
 

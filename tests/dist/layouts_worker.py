@@ -34,23 +34,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
+from tests.cli_helpers import read_all  # noqa: E402
+
 SEQ = 22  # even (sequence parallel splits it over TP=2), not a multiple of the Mamba chunks (8, 128)
-
-
-def hf_tensors(path: Path):
-    from safetensors import safe_open
-
-    out = {}
-    for f in sorted(path.glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as h:
-            for k in h.keys():
-                out[k] = (f.name, h.get_tensor(k))
-    return out
 
 
 def compare_export(src: Path, out: Path) -> list:
     """Differences between two HF directories (names, files, dtypes, bytes, index, config)."""
-    a, b = hf_tensors(src), hf_tensors(out)
+    a, b = read_all(src), read_all(out)
     problems = []
     if sorted(a) != sorted(b):
         problems.append(f"tensor names differ: missing {sorted(set(a) - set(b))[:3]}, extra {sorted(set(b) - set(a))[:3]}")
@@ -140,7 +131,7 @@ def run_case(case: dict, hf_dir: Path, out_dir: Path, ids: torch.Tensor, ref: to
         bridge.save_hf_pretrained(chunks, dest)
         if dist.get_rank() == 0:
             result["export_problems"] = compare_export(hf_dir, dest)
-            result["export_tensors"] = len(hf_tensors(dest))
+            result["export_tensors"] = len(read_all(dest))
     if case.get("save_mcore"):
         bridge.save_megatron_model(chunks, out_dir / case["save_mcore"],
                                    layout={k: v for k, v in sizes.items() if v is not None})

@@ -36,7 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from tests.dist.layouts_worker import compare_export, hf_tensors  # noqa: E402
+from tests.cli_helpers import read_all  # noqa: E402
+from tests.dist.layouts_worker import compare_export  # noqa: E402
 
 SEQ = 48  # even: sequence parallel splits it over TP=2
 ENCODERS = ("vision_model", "vision_projection", "sound_encoder", "sound_projection")
@@ -179,8 +180,8 @@ def run_case(case: dict, hf_dir: Path, out_dir: Path, micro, ref: torch.Tensor) 
         bridge.save_hf_pretrained(chunks, dest)
         if dist.get_rank() == 0:
             result["export_problems"] = compare_export(hf_dir, dest)
-            result["export_tensors"] = len(hf_tensors(dest))
-            result["source_tensors"] = len(hf_tensors(hf_dir))
+            result["export_tensors"] = len(read_all(dest))
+            result["source_tensors"] = len(read_all(hf_dir))
     if case.get("save_mcore"):  # every rank writes its shards
         bridge.save_megatron_model(chunks, out_dir / case["save_mcore"],
                                    layout={k: v for k, v in sizes.items() if v is not None})
