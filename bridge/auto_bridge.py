@@ -310,7 +310,7 @@ class AutoBridge:
                 files = plan_shards([(n, t.numel() * t.element_size()) for n, t in materialised], MAX_SHARD_BYTES)
                 specs = {n: (files[n], t.dtype, tuple(t.shape)) for n, t in materialised}
                 tensors = iter(materialised)
-            write_hf_weights(tmp, tensors, specs)
+            write_hf_weights(tmp, tensors, specs, self.hf_origins())
 
     def hf_specs(self) -> Optional[Dict[str, Tuple[str, torch.dtype, Tuple[int, ...]]]]:
         """name -> (file, dtype, shape) of every HF tensor, from the source manifest (None without one)."""
@@ -319,6 +319,12 @@ class AutoBridge:
             return None
         return {n: (manifest[n]["file"], dtype_from_name(manifest[n]["dtype"]), tuple(manifest[n]["shape"]))
                 for n in self.hf_names()}
+
+    def hf_origins(self) -> Dict[str, int]:
+        """name -> where the tensor's bytes started in its source file, for the tensors the manifest
+        records it for (the export aligns its files like the source: `SafetensorsWriter`)."""
+        manifest = self._manifest_or_none() or {}
+        return {n: m["offset"] for n, m in manifest.items() if isinstance(m.get("offset"), int)}
 
     def _copy_assets(self, dest: Path) -> None:
         """Copy the non-weight files of the source (tokenizer, generation config, ...)."""

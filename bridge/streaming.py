@@ -58,6 +58,8 @@ from torch.distributed.checkpoint.planner import WriteItemType
 
 from bridge.checkpoint import capture_error, first_rank_error
 from conversion import integrity
+from conversion import direct_io
+from conversion.direct_io import PAGE, DirectStream, buffer_address
 from conversion.errors import ConversionError
 from conversion.omni import SOUND_ENCODER_PREFIX
 from conversion.safetensors_io import OpenFiles, drop_pages, map_bytes, nbytes_of
@@ -219,6 +221,7 @@ class _OnDemandPlanner(MCoreSavePlanner):
         super().__init__(dedup_replicated_tensors=False, flatten_state_dict=False)
         self.make, self.sources, self.budget, self.progress = make, sources, budget, progress
         self._held = threading.local()
+        self.place: Callable[[torch.Tensor], None] = lambda tensor: None  # set by the strategy
 
     def release_held(self) -> None:
         """Free the tensor this thread made last (written by now): called before the thread makes
@@ -258,6 +261,7 @@ class _OnDemandPlanner(MCoreSavePlanner):
             raise
         self._held.item = (tensor, n)
         self.progress.update(tensor.nbytes)
+        self.place(tensor)
         return tensor
 
     def finish_writing(self) -> None:
@@ -268,7 +272,7 @@ class _HashingStream:
     """A file being written, hashed (XXH3-128) on the way, so that the checksum file needs no
     second pass over the checkpoint."""
 
-    def __init__(self, stream):
+    def __init__(self, stream: DirectStream):
         import xxhash
 
         self.stream, self.hash, self.size = stream, xxhash.xxh3_128(), 0
@@ -278,36 +282,85 @@ class _HashingStream:
         self.size += memoryview(data).nbytes
         return self.stream.write(data)
 
+    def skip(self, n: int) -> None:
+        """Leave `n` bytes (a hole, zeros) before the next record."""
+        self.hash.update(bytes(n))
+        self.size += n
+        self.stream.skip(n)
+
     def __getattr__(self, name):  # tell, flush, fileno, ...
         return getattr(self.stream, name)
 
 
+class _PrefixProbe:
+    """A file-like sink that counts what torch.save writes before the tensor's own bytes."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self.address, self.nbytes, self.count, self.prefix = tensor.data_ptr(), tensor.nbytes, 0, None
+
+    def write(self, data) -> int:
+        view = memoryview(data)
+        if self.prefix is None and view.nbytes == self.nbytes and buffer_address(view) == self.address:
+            self.prefix = self.count
+        self.count += view.nbytes
+        return view.nbytes
+
+    def flush(self) -> None:
+        pass
+
+
 class _HashingFileSystem(FileSystem):
-    """torch.distributed.checkpoint's local file system, recording {path: (size, digest)} of every
-    file it writes (renames followed) and calling `on_close()` in the writing thread when a file is
-    complete."""
+    """torch.distributed.checkpoint's local file system, writing through `DirectStream` (no page
+    cache copy), recording {path: (size, digest)} of every file it writes (renames followed) and
+    calling `on_close()` in the writing thread when a file is complete. `place_next(tensor)` puts
+    the next record where the tensor's bytes land at their memory's page offset: a tensor mapped
+    from its HF file then goes to the disk without being copied (see conversion/direct_io.py)."""
 
     def __init__(self, on_close: Callable[[], None]):
         super().__init__()
         self.digests: Dict[str, Tuple[int, str]] = {}
         self.on_close = on_close
+        self._writing = threading.local()
+        self._prefixes: Dict[tuple, Optional[int]] = {}
 
     @contextmanager
     def create_stream(self, path, mode):
         from torch.utils.serialization import config
 
-        with super().create_stream(path, mode) as stream:
-            if "w" not in mode:
+        if "w" not in mode:
+            with super().create_stream(path, mode) as stream:
                 yield stream
-                return
-            hashing = _HashingStream(stream)
+            return
+        hashing = _HashingStream(DirectStream(Path(path)))
+        self._writing.stream = hashing
+        try:
             # Each chunk is a torch.save record; its zip CRC32 would cost a pass over every byte
             # (4.5 s of CPU for 9 GiB), and XXH3 of the whole file already guards it (torch.load
             # does not need the CRC). torch's config overrides are per thread: this is the writer's.
             with config.patch({"save.compute_crc32": False}):
                 yield hashing
+        finally:
+            self._writing.stream = None
+            hashing.stream.close()
         self.digests[str(Path(path).resolve())] = (hashing.size, hashing.hash.hexdigest())
         self.on_close()
+
+    def place_next(self, tensor: torch.Tensor) -> None:
+        """Called by the planner in the writing thread just before torch.save writes `tensor` as
+        the next record of this thread's file: skip the bytes that make the record's data start
+        at the page offset of the tensor's memory (the record's offset and length are what the
+        metadata records, so the gap is never read)."""
+        stream = getattr(self._writing, "stream", None)
+        if stream is None or stream.stream.file.direct is None or tensor.nbytes < direct_io.MIN_DIRECT:
+            return
+        key = (tensor.dtype, tuple(tensor.shape), tensor.stride(), tensor.storage_offset())
+        if key not in self._prefixes:
+            probe = _PrefixProbe(tensor)
+            torch.save(tensor, probe)
+            self._prefixes[key] = probe.prefix  # None: torch wrote the data in pieces; no placing
+        prefix = self._prefixes[key]
+        if prefix is not None:
+            stream.skip((tensor.data_ptr() - stream.tell() - prefix) % PAGE)
 
     def rename(self, path, new_path) -> None:
         super().rename(path, new_path)
@@ -338,6 +391,7 @@ class _OnDemandStrategy(TorchDistSaveShardedStrategy):
         pyt_state = mcore_to_pyt_state_dict(flat, False)
         writer = FileSystemWriter(str(checkpoint_dir), thread_count=self.thread_count)
         writer.fs = _HashingFileSystem(on_close=self.planner.release_held)
+        self.planner.place = writer.fs.place_next
         try:
             dcp.save(pyt_state, storage_writer=writer, planner=self.planner)
         finally:
@@ -567,7 +621,7 @@ def convert_megatron_to_hf(bridge, src: Path, output: Path, overwrite: bool = Fa
     entries = _param_entries(checkpoint.sharded_state(model)["model"])
     rules = bridge.rules()
     dims = bridge._dims(bridge._language_model(model))
-    specs = bridge.hf_specs()
+    specs, origins = bridge.hf_specs(), bridge.hf_origins()
     sizes = [sum(nbytes_of(specs[h][2], specs[h][1]) for h in r.hf) for r in rules]
     owners = assign(sizes, ranks)
     size_of = dict(zip((r.megatron for r in rules), sizes))
@@ -579,7 +633,7 @@ def convert_megatron_to_hf(bridge, src: Path, output: Path, overwrite: bool = Fa
         try:
             context = atomic_output_dir(output, overwrite=overwrite)
             tmp = context.__enter__()
-            SafetensorsWriter(tmp, specs).create()
+            SafetensorsWriter(tmp, specs, origins).create()
         except BaseException as e:
             if context is not None:
                 context.__exit__(type(e), e, e.__traceback__)
@@ -591,7 +645,7 @@ def convert_megatron_to_hf(bridge, src: Path, output: Path, overwrite: bool = Fa
         if status != "ok":
             raise ConversionError(f"rank 0 could not create {output}: {value}")
         tmp = Path(value)
-    writer = SafetensorsWriter(tmp, specs)
+    writer = SafetensorsWriter(tmp, specs, origins)
     reader = DcpReader(checkpoint.checkpoint_dir(src))
     progress = Progress(sum(s for s, o in zip(sizes, owners) if o == rank), sum(len(r.hf) for r in mine),
                         "megatron -> hf", quiet or rank != 0)

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
+from conversion.direct_io import PAGE, DirectFile
 from conversion.errors import ConversionError
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -287,10 +288,11 @@ class HFCheckpoint:
         return sorted(files)
 
     def manifest(self) -> Dict[str, dict]:
-        """name -> {file, dtype, shape}: what export needs to write the same files back."""
+        """name -> {file, dtype, shape, offset}: what export needs to write the same files back
+        (`offset`: where the tensor's bytes start in its file, see `SafetensorsWriter`)."""
         return {
             name: {"file": self.weight_map[name], "dtype": dtype_name(self._meta[name][0]),
-                   "shape": list(self._meta[name][1])}
+                   "shape": list(self._meta[name][1]), "offset": self._header(self.weight_map[name])[name][2]}
             for name in self.weight_map
         }
 
@@ -385,31 +387,45 @@ def drop_pages(tensor: torch.Tensor) -> None:
         _LIBC.madvise(begin, end - begin, mmap.MADV_DONTNEED)
 
 
-def _write_exactly(fd: int, tensor: torch.Tensor, offset: int) -> None:
-    view, done = _byte_view(tensor), 0
-    while done < len(view):
-        done += os.pwrite(fd, view[done:], offset + done)
+def _data_start_residue(entries: Dict[str, dict], origins: Dict[str, int]) -> int:
+    """Where, modulo the page size, a safetensors file's data should start so that its largest
+    tensor with a known origin sits at the page offset it had in its source file (every tensor
+    does when the file holds the source file's tensors in the source's order); a page boundary
+    without origins. Kept a multiple of 8 (the safetensors library's alignment)."""
+    known = [(e["data_offsets"][1] - e["data_offsets"][0], n) for n, e in entries.items() if n in origins]
+    if not known:
+        return 0
+    _, name = max(known)
+    residue = (origins[name] - entries[name]["data_offsets"][0]) % PAGE
+    return residue if residue % 8 == 0 else 0
 
 
 class SafetensorsWriter:
     """Safetensors files laid out up front, filled tensor by tensor at known offsets.
 
-    `specs`: name -> (file name, torch dtype, shape). Within a file, tensors are ordered as the
-    safetensors library orders them (wider dtypes first, then by name); the header is padded with
-    spaces to a multiple of 8 bytes. `create()` writes every header and sizes every file (one
-    process: rank 0); `write(name, tensor)` may then be called from any thread or process, in any
-    order; `close()` flushes. `missing()` names the tensors not written by this writer object.
+    `specs`: name -> (file name, torch dtype, shape). Within a file, tensors are ordered as in the
+    source file they came from (`origins`: name -> the tensor's byte offset there, from the
+    manifest), else as the safetensors library orders them (wider dtypes first, then by name); the
+    header is padded with spaces (which the format allows) so that the data starts where it
+    started in the source modulo the page size (else at a page boundary). Each tensor then sits at
+    the page offset it had in the source, as its mapping in a checkpoint converted from that
+    source does (bridge/streaming.py places them so): it goes to the disk without a copy
+    (`direct_io.DirectFile`). `create()` writes every header and sizes every file (one process:
+    rank 0); `write(name, tensor)` may then be called from any thread or process, in any order;
+    `close()` flushes. `missing()` names the tensors not written by this writer object.
     """
 
-    def __init__(self, out_dir: Path, specs: Dict[str, Tuple[str, torch.dtype, Tuple[int, ...]]]):
+    def __init__(self, out_dir: Path, specs: Dict[str, Tuple[str, torch.dtype, Tuple[int, ...]]],
+                 origins: Optional[Dict[str, int]] = None):
         self.out_dir = Path(out_dir)
         self.specs = specs
         self.offsets: Dict[str, int] = {}
         self.file_sizes: Dict[str, int] = {}
         self.headers: Dict[str, bytes] = {}
+        origins = origins or {}
         for file_name in sorted({f for f, _, _ in specs.values()}):
             names = sorted((n for n, (f, _, _) in specs.items() if f == file_name),
-                           key=lambda n: (-specs[n][1].itemsize, n))
+                           key=lambda n: (0, origins[n]) if n in origins else (1, -specs[n][1].itemsize, n))
             entries, pos = {}, 0
             for n in names:
                 _, dtype, shape = specs[n]
@@ -417,13 +433,13 @@ class SafetensorsWriter:
                 entries[n] = {"dtype": _TORCH_TO_ST[dtype], "shape": list(shape), "data_offsets": [pos, pos + nbytes]}
                 pos += nbytes
             header = json.dumps({"__metadata__": {"format": "pt"}, **entries}, separators=(",", ":")).encode()
-            header += b" " * (-len(header) % 8)
+            header += b" " * ((_data_start_residue(entries, origins) - 8 - len(header)) % PAGE)
             start = 8 + len(header)
             self.headers[file_name] = len(header).to_bytes(8, "little") + header
             self.file_sizes[file_name] = start + pos
             for n in names:
                 self.offsets[n] = start + entries[n]["data_offsets"][0]
-        self._files = OpenFiles(os.O_WRONLY, lambda file_name: self.out_dir / file_name)
+        self._files: Dict[str, DirectFile] = {}
         self._lock = threading.Lock()
         self.written: set = set()
         self._paused = False
@@ -433,6 +449,12 @@ class SafetensorsWriter:
             with open(self.out_dir / file_name, "wb") as f:
                 f.write(header)
                 allocate(f.fileno(), self.file_sizes[file_name])
+
+    def _file(self, file_name: str) -> DirectFile:
+        with self._lock:
+            if file_name not in self._files:
+                self._files[file_name] = DirectFile(self.out_dir / file_name)
+            return self._files[file_name]
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         if name not in self.specs:
@@ -445,16 +467,25 @@ class SafetensorsWriter:
             if name in self.written:
                 raise ConversionError(f"export produced tensor {name!r} twice")
             self.written.add(name)
-        _write_exactly(self._files.fd(file_name), tensor.detach().cpu().contiguous(), self.offsets[name])
+        tensor = tensor.detach().cpu().contiguous()
+        self._file(file_name).pwrite(_byte_view(tensor), tensor.data_ptr(), self.offsets[name])
         if not self._paused:
             self._paused = True
             pause_for_tests("mid-export")
+
+    @property
+    def direct_bytes(self) -> int:
+        """Bytes written to the disk directly so far (see `direct_io`)."""
+        return sum(f.direct_bytes for f in self._files.values())
 
     def missing(self) -> List[str]:
         return sorted(set(self.specs) - self.written)
 
     def close(self, fsync: bool = True) -> None:
-        self._files.close(fsync=fsync)
+        with self._lock:
+            files, self._files = list(self._files.values()), {}
+        for f in files:
+            f.close(fsync=fsync)
 
     def write_index(self) -> None:
         """`model.safetensors.index.json` when there is more than one file."""
@@ -466,9 +497,10 @@ class SafetensorsWriter:
 
 
 def write_hf_weights(out_dir: Path, tensors: Iterator[Tuple[str, torch.Tensor]],
-                     specs: Dict[str, Tuple[str, torch.dtype, Tuple[int, ...]]]) -> None:
+                     specs: Dict[str, Tuple[str, torch.dtype, Tuple[int, ...]]],
+                     origins: Optional[Dict[str, int]] = None) -> None:
     """Write `tensors` (every name of `specs`, once) into the safetensors files `specs` names, + index."""
-    writer = SafetensorsWriter(out_dir, specs)
+    writer = SafetensorsWriter(out_dir, specs, origins)
     writer.create()
     try:
         for name, tensor in tensors:
