@@ -55,6 +55,7 @@ from megatron.core.dist_checkpointing.strategies.torch import (
 from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.filesystem import FileSystem
 from torch.distributed.checkpoint.planner import WriteItemType
+from torch.overrides import TorchFunctionMode
 
 from bridge.checkpoint import capture_error, first_rank_error
 from conversion import integrity
@@ -160,8 +161,33 @@ def meta_model(bridge, dtype: torch.dtype, padded_vocab: Optional[int] = None):
                                             if n.startswith(SOUND_ENCODER_PREFIX)}
     if padded_vocab:
         provider.padded_vocab = padded_vocab
-    with torch.device("meta"):
+    with torch.device("meta"), _MetaMathOnCpu():
         return provider.provide()
+
+
+class _MetaMathOnCpu(TorchFunctionMode):
+    """Element-wise math on meta tensors (megatron's Mamba mixer computes its initial dt_bias and
+    A_log so whatever `perform_initialization` says, RADIO scales its position embedding) gets its
+    result from torch's CPU kernels: the op runs on one-element CPU tensors of the same dtypes and
+    ranks (so torch's own type promotion gives the dtype) and the result is a meta tensor of the
+    broadcast shape. torch evaluates these ops on meta with Python reference kernels, the first of
+    which imports torch._dynamo: 1.5 s of a conversion's start-up, for values a meta tensor does
+    not have. Other functions run unchanged."""
+
+    _NAMES = frozenset({"add", "sub", "mul", "div", "neg", "exp", "expm1", "log", "log1p", "clamp", "sqrt",
+                        "rsqrt", "pow", "abs"})  # broadcasting element-wise ops
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__name__", None) in self._NAMES:
+            tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+            if tensors and all(t.is_meta for t in tensors):
+                def tiny(a):
+                    return torch.zeros((1,) * a.dim(), dtype=a.dtype, device="cpu") if isinstance(a, torch.Tensor) else a
+
+                dtype = func(*map(tiny, args), **{k: tiny(v) for k, v in kwargs.items()}).dtype
+                return torch.empty(torch.broadcast_shapes(*(t.shape for t in tensors)), dtype=dtype, device="meta")
+        return func(*args, **kwargs)
 
 
 def _param_entries(state: Dict) -> Dict[str, object]:

@@ -425,7 +425,8 @@ class SafetensorsWriter:
         origins = origins or {}
         for file_name in sorted({f for f, _, _ in specs.values()}):
             names = sorted((n for n, (f, _, _) in specs.items() if f == file_name),
-                           key=lambda n: (0, origins[n]) if n in origins else (1, -specs[n][1].itemsize, n))
+                           key=lambda n: (0, origins[n], nbytes_of(specs[n][2], specs[n][1]), n) if n in origins
+                           else (1, -specs[n][1].itemsize, n))  # (an empty tensor sits before one at its offset)
             entries, pos = {}, 0
             for n in names:
                 _, dtype, shape = specs[n]

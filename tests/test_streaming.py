@@ -10,7 +10,11 @@ benchmarks/conversion.py, not here.)
 - `ByteBudget`: a request above the limit waits for an empty budget and then runs alone.
 - Every writer thread writes its records without the zip CRC32; the conversion's meta model takes
   the Parakeet encoder's structure from the manifest and gives transformers' module's checkpoint
-  entries; the export orders its work so that concurrent threads fill different files.
+  entries (without importing torch._dynamo); the export orders its work so that concurrent threads
+  fill different files.
+- Direct I/O: with O_DIRECT for every tensor above two pages, HF -> Megatron puts each record's
+  data at the page offset its HF tensor has in the source file, and Megatron -> HF gives back the
+  source's safetensors files byte for byte, with bytes written directly in both directions.
 Checkpoints that megatron-core itself wrote from TP=2 models are exported by the CLI in
 tests/test_parallel_layouts.py and tests/test_parallel_omni.py.
 """
@@ -198,6 +202,9 @@ def test_conversion_model_takes_the_sound_encoders_structure_from_the_manifest(o
     script = f"""
 import sys, warnings; warnings.filterwarnings("ignore")
 import torch
+from bridge.cli import _import_megatron
+_import_megatron()  # as the CLIs import it (megatron's torch.compile decorators off)
+assert "torch._dynamo" not in sys.modules
 from bridge import AutoBridge, checkpoint
 from bridge.streaming import meta_model, _param_entries
 
@@ -205,6 +212,7 @@ bridge = AutoBridge.from_hf_pretrained({str(hf)!r})
 dtypes = (torch.bfloat16, torch.float32)
 structures = [_param_entries(checkpoint.sharded_state(meta_model(bridge, dtype))["model"]) for dtype in dtypes]
 assert "transformers" not in sys.modules
+assert "torch._dynamo" not in sys.modules  # meta math ran on CPU (_MetaMathOnCpu): no 1.5 s import
 for dtype, structure in zip(dtypes, structures):
     provider = bridge.to_megatron_provider(dtype=dtype)
     provider.perform_initialization = False
@@ -234,3 +242,72 @@ def test_export_interleaves_output_files_by_bytes():
         assert [r for r in order if r[0] == f] == [r for r in rules if r[0] == f]
     # next from the file with the fewest bytes scheduled: a(0) b(0) c(0) a(10) a(20) b(30)
     assert [r[1] for r in order] == [1, 4, 6, 2, 3, 5]
+
+
+def test_direct_io_places_tensors_like_the_source_and_round_trips_the_files(omni, tmp_path):
+    """With the direct-I/O threshold lowered to two pages (the tiny model's tensors are small), both
+    conversions write most bytes with O_DIRECT where the file system allows it (else buffered: the
+    layout checks still hold); every record's data sits at its HF source's page offset, and the
+    export equals the source files byte for byte (same order, same page offsets: zero-copy both
+    ways)."""
+    _, hf, _ = omni
+    script = f"""
+import os, warnings; warnings.filterwarnings("ignore")
+from pathlib import Path
+from conversion import direct_io
+direct_io.MIN_DIRECT = 2 * direct_io.PAGE
+written = []
+close = direct_io.DirectFile.close
+def counting_close(self, fsync=False):
+    if self.fd >= 0:
+        written.append(self.direct_bytes)
+    close(self, fsync)
+direct_io.DirectFile.close = counting_close
+from bridge import AutoBridge
+from bridge.streaming import convert_hf_to_megatron, convert_megatron_to_hf
+convert_hf_to_megatron(AutoBridge.from_hf_pretrained({str(hf)!r}), Path({str(tmp_path / 'mc')!r}), quiet=True)
+print("h2m", sum(written))
+written.clear()
+convert_megatron_to_hf(AutoBridge.from_megatron_checkpoint({str(tmp_path / 'mc')!r}), Path({str(tmp_path / 'mc')!r}),
+                       Path({str(tmp_path / 'hf')!r}), quiet=True)
+print("m2h", sum(written))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    direct = dict(line.split() for line in proc.stdout.split("\n") if line.strip())
+    try:
+        os.close(os.open(tmp_path / "probe", os.O_WRONLY | os.O_CREAT | os.O_DIRECT))
+        supported = True
+    except OSError:
+        supported = False
+    if supported:
+        assert int(direct["h2m"]) > 0 and int(direct["m2h"]) > 0, direct
+
+    from bridge.streaming import DcpReader, _FileWindow
+    from conversion.direct_io import PAGE
+    from conversion.safetensors_io import HFCheckpoint
+
+    source = HFCheckpoint(hf)
+    origins = {}  # bytes of an HF tensor -> its page offset in the source file
+    for name in source.keys():
+        if source.nbytes(name) >= 2 * PAGE:
+            origins[source.get(name).view(torch.uint8).numpy().tobytes()] = source._header(
+                source.weight_map[name])[name][2] % PAGE
+    reader = DcpReader(tmp_path / "mc" / "release")
+    placed = 0
+    for (fqn, offset), info in reader.storage.items():
+        if not hasattr(reader.tensors.get(fqn), "chunks"):
+            continue
+        fd = reader._files.fd(info.relative_path)
+        storage = torch.load(_FileWindow(fd, info.offset, info.length), map_location="meta",
+                             weights_only=True).untyped_storage()
+        position = info.offset + storage._checkpoint_offset
+        page = origins.get(os.pread(fd, storage.nbytes(), position))
+        if page is not None:  # a record of an HF tensor's own bytes (no transform): placed like it
+            assert position % PAGE == page, (fqn, offset, position % PAGE, page)
+            placed += 1
+    assert placed >= 5, placed  # the tiny model has a handful of tensors above two pages
+    files = sorted(p.name for p in Path(hf).glob("*.safetensors"))
+    assert len(files) > 1
+    for name in files:
+        assert (tmp_path / "hf" / name).read_bytes() == (Path(hf) / name).read_bytes(), name
