@@ -45,11 +45,18 @@ class AutoBridge:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_hf_pretrained(cls, path: str | Path) -> "AutoBridge":
+    def from_hf_pretrained(cls, path: str | Path, config: Optional[hf_config.HFModelConfig] = None,
+                           checkpoint: Optional[HFCheckpoint] = None) -> "AutoBridge":
+        """The bridge of a local HF directory; `config` / `checkpoint`: that directory's, already
+        loaded and opened (the CLI's preflight reads them before megatron is imported)."""
         path = Path(path)
         if not path.exists():
             raise ConversionError(f"{path}: input path does not exist (expected a local Hugging Face model directory)")
-        return cls(hf_config.load_config(path), hf_dir=path)
+        bridge = cls(config or hf_config.load_config(path), hf_dir=path)
+        if checkpoint is not None:
+            bridge._checkpoint = checkpoint
+            bridge._check_names(checkpoint.keys())
+        return bridge
 
     @property
     def checkpoint(self) -> HFCheckpoint:

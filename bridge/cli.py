@@ -153,8 +153,7 @@ def _hf_to_mcore(args: argparse.Namespace) -> None:
         from bridge.auto_bridge import DTYPES
         from bridge.streaming import convert_hf_to_megatron, world
 
-        bridge = AutoBridge.from_hf_pretrained(args.hf_path)
-        bridge.checkpoint  # open and validate the weights before building anything
+        bridge = AutoBridge.from_hf_pretrained(args.hf_path, config=cfg, checkpoint=ckpt)
     layout = {"tp": args.tp, "pp": args.pp, "ep": args.ep, "etp": args.etp, "vpp": args.vpp}
     convert_hf_to_megatron(bridge, Path(args.output), dtype=DTYPES[args.dtype] if args.dtype else None,
                            layout=layout, overwrite=args.overwrite, quiet=args.quiet, threads=args.threads,

@@ -66,12 +66,23 @@ def checksums(root: Path, rel_paths: Iterable[str], algorithm: str = "xxh3_128",
     return {r: {"size": (root / r).stat().st_size, algorithm: d} for r, d in zip(rel_paths, digests)}
 
 
+def _yield_cpu() -> None:
+    """Lower this thread's scheduling priority (Linux: per thread; threads it starts inherit it):
+    background hashing only has to finish by the end of the conversion, and on a machine with
+    few cores it should not take CPU from the conversion's own start-up and writer threads."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+    except (AttributeError, OSError):  # not Linux, or not allowed: run at the normal priority
+        pass
+
+
 def in_background(fn, *args, **kwargs) -> Future:
     """Run `fn` in a daemon thread (one that never delays the process's exit, e.g. after Ctrl-C);
     its result or exception comes back through the returned future."""
     future: Future = Future()
 
     def run():
+        _yield_cpu()
         try:
             future.set_result(fn(*args, **kwargs))
         except BaseException as e:  # noqa: BLE001 - handed to whoever waits for the result
