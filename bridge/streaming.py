@@ -11,12 +11,16 @@ HF -> Megatron (`convert_hf_to_megatron`), the path of one tensor:
   file per writer thread) asks `_OnDemandPlanner.resolve_data` for a chunk ->
   `AutoBridge.megatron_tensor(rule)` maps the HF tensor(s) (no copy) and applies the rule's
   transform (e.g. q, k, v -> fused QKV) -> for a sharded factory (Mamba in_proj z/x/B/C/dt) the
-  factory's own build function cuts the piece -> written -> its memory is released before the same
-  thread makes its next tensor. Each routed expert is its own chunk, read from its own HF tensor.
+  factory's own build function cuts the piece -> the file system (`_HashingFileSystem`) places the
+  record so that its data lands at the page offset of the tensor's memory -> torch.save writes it
+  through `DirectStream` (O_DIRECT: a mapped HF tensor goes from the source's page cache to the
+  disk without a copy) -> its memory is released before the same thread makes its next tensor.
+  Each routed expert is its own chunk, read from its own HF tensor.
 Megatron -> HF (`convert_megatron_to_hf`): for each rule of the name table, `DcpReader` reads the
 regions of the checkpoint that hold the rule's parameter (a factory's pieces are merged by the
 factory's own merge function), `to_hf` splits it into HF tensors and `SafetensorsWriter` writes
-each at its offset in the pre-laid-out files. Worker threads take different rules, ordered so that
+each at its offset in the pre-laid-out files (laid out as the source HF files were, so that mapped
+record data and destination share page offsets: O_DIRECT without a copy). Worker threads take different rules, ordered so that
 rules running at the same time write to different files (`_interleave_files`).
 
 Memory: `ByteBudget` bounds the bytes of tensors that all threads hold at once (a tensor larger
@@ -58,8 +62,7 @@ from torch.distributed.checkpoint.planner import WriteItemType
 from torch.overrides import TorchFunctionMode
 
 from bridge.checkpoint import capture_error, first_rank_error
-from conversion import integrity
-from conversion import direct_io
+from conversion import direct_io, integrity
 from conversion.direct_io import PAGE, DirectStream, buffer_address
 from conversion.errors import ConversionError
 from conversion.omni import SOUND_ENCODER_PREFIX
