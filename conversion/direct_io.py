@@ -4,8 +4,9 @@ A buffered write copies every byte into the page cache, and the kernel later wri
 pages back: on the 2-core benchmark machine that copy, not the disk, is what limits `cp -r` and
 the conversions (about 1 CPU-second per 0.75 GB). With O_DIRECT the disk reads the bytes straight
 from the process's memory; for a tensor that is a mapping of its source file (`map_bytes`) that
-memory is the source's own page-cache pages, so nothing is copied at all (9.6 GB, 2 threads: 5.5 s
-against 15.6 s for `cp -r` + sync, benchmarks/README.md).
+memory is the source's own page-cache pages, so nothing is copied at all (`benchmarks/write_paths.py`,
+8.94 GiB on that machine: 5.3 s, against 11.7 s for `cp -r` + sync and 9.6 s through an aligned
+buffer).
 
 O_DIRECT needs the file offset, the length and the memory address aligned (to the device's logical
 block, 512 bytes on most disks; `PAGE` is used, which every device accepts). `DirectFile.pwrite`
