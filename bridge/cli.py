@@ -217,7 +217,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     parser.add_argument("--quiet", action="store_true", help="no progress bar (for logs)")
     parser.add_argument("--threads", type=_positive_int, default=None,
-                        help="reader / writer threads per process (default: 4)")
+                        help="reader / writer threads per process (default: 8; 2 on a single core)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
 
 

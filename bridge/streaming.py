@@ -74,9 +74,12 @@ DEFAULT_BUDGET = 768 * 1024**2  # bytes of tensors in flight across all threads 
 
 
 def default_threads() -> int:
-    """4 worker threads (2 when the machine has 1 core): with 2 cores, 4 threads keep reading and
-    writing overlapped (measured: 27 s vs 31 s for a 9 GiB checkpoint on 2 cores)."""
-    return 4 if (os.cpu_count() or 1) > 1 else 2
+    """8 worker threads (2 when the machine has 1 core): the writes are direct (O_DIRECT), so a
+    thread mostly waits for the disk, and more writes in flight keep it busy (measured on 2 cores,
+    9 GiB, warm, 3 alternating rounds: 13.5 s with 8 threads against 14.0 s with 4 for
+    convert-hf-to-mcore, 12.9 s against 13.9 s for convert-mcore-to-hf). The byte budget, not the
+    thread count, bounds the memory."""
+    return 8 if (os.cpu_count() or 1) > 1 else 2
 
 
 # ---------------------------------------------------------------------------- shared pieces
