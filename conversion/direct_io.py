@@ -74,9 +74,10 @@ class DirectFile:
         self.direct_bytes = 0  # bytes that went to the disk directly (the tests look)
         self._lock = threading.Lock()
 
-    def pwrite(self, data, address: int, offset: int) -> None:
-        """Write the bytes `data` (a byte memoryview whose memory starts at `address`) at `offset`."""
+    def pwrite(self, data, offset: int) -> None:
+        """Write the bytes of the contiguous buffer `data` at `offset`."""
         data = memoryview(data).cast("B")
+        address = buffer_address(data)
         n = len(data)
         head = -offset % PAGE                       # [0, head) and [tail, n) are the unaligned edges
         tail = head + (n - head) // PAGE * PAGE if n > head else head
@@ -159,7 +160,7 @@ class DirectStream:
                 self._flush_small()
         else:
             self._flush_small()
-            self.file.pwrite(view, buffer_address(view), self.pos)
+            self.file.pwrite(view, self.pos)
         self.pos += n
         return n
 

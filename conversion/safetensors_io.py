@@ -469,7 +469,7 @@ class SafetensorsWriter:
                 raise ConversionError(f"export produced tensor {name!r} twice")
             self.written.add(name)
         tensor = tensor.detach().cpu().contiguous()
-        self._file(file_name).pwrite(_byte_view(tensor), tensor.data_ptr(), self.offsets[name])
+        self._file(file_name).pwrite(_byte_view(tensor), self.offsets[name])
         if not self._paused:
             self._paused = True
             pause_for_tests("mid-export")

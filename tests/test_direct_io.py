@@ -107,7 +107,7 @@ def write_ranges(path: Path, seed: int = 0):
     def one(r):
         offset, n, kind = r
         data = va[offset:offset + n] if kind == "A" else vs[offset + 8:offset + 8 + n]
-        f.pwrite(data, buffer_address(data), offset)
+        f.pwrite(data, offset)
 
     order = list(ranges)
     rng.shuffle(order)
