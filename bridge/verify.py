@@ -82,8 +82,8 @@ TEXT = Probe("text", lambda i: f"{i['input_ids'].shape[0]} x {i['input_ids'].sha
 
 # ------------------------------------------------------------------ Omni probes
 # One sample of `--seq-len` random text tokens (avoiding the special ids) with the modality's
-# placeholders at the front: a 4x4-patch image (4 tokens after the 2x2 pixel shuffle), 3 video
-# frames of 4x4 patches (temporal packing repeats the last frame), one clip of 40 mel frames.
+# placeholders at the front: a 4x4-patch image (4 tokens after the 2x2 pixel shuffle), a video of 2
+# tubelets of 4x4 patches in the format of transformers' video processor, one clip of 40 mel frames.
 
 def _omni_inputs(modality: str):
     def make(cfg, args) -> Dict:
@@ -104,7 +104,8 @@ def _omni_inputs(modality: str):
             inputs.update(pixel_values=torch.randn(16, 3 * p * p, generator=g), image_grid_hw=torch.tensor([[4, 4]]))
             ids[0, 1:5] = inputs["image_token"]
         elif modality == "video":
-            inputs["pixel_values_videos"] = torch.randn(3, 3, 4 * p, 4 * p, generator=g)
+            t = fields.get("temporal_patch_dim", 1)
+            inputs["pixel_values_videos"] = torch.randn(1, 2, t * 3, 4 * p, 4 * p, generator=g)
         elif modality == "audio":
             mel = (raw.get("audio_config") or raw.get("sound_config"))["num_mel_bins"]
             inputs.update(input_features=torch.randn(1, 40, mel, generator=g),
@@ -126,8 +127,8 @@ def _omni_kwargs(inputs, device, dtype=None):
 
 
 def _hf_omni(model, inputs):
-    """transformers' forward; for video (which its 5.23 forward cannot run) the same steps by hand.
-    Placeholder counts the encoders decide (video, audio) are written into `inputs["input_ids"]`."""
+    """transformers' forward. Placeholder counts the encoders decide (video, audio) are written into
+    `inputs["input_ids"]` first."""
     import torch
 
     device, dtype = _device_of(model), next(model.parameters()).dtype
@@ -135,18 +136,12 @@ def _hf_omni(model, inputs):
     ids = inputs["input_ids"].to(device)
     with torch.no_grad():
         if "pixel_values_videos" in kwargs:
-            video = model.get_video_features(kwargs["pixel_values_videos"]).pooler_output
-            video = video.reshape(-1, video.shape[-1])
-            ids[0, 1:1 + video.shape[0]] = inputs["image_token"]
-            embeds = model.get_input_embeddings()(ids)
-            embeds = embeds.masked_scatter((ids == inputs["image_token"]).unsqueeze(-1).expand_as(embeds),
-                                           video.to(embeds.dtype))
-            logits = model.language_model(inputs_embeds=embeds, use_cache=False).logits
-        else:
-            if "input_features" in kwargs:
-                n = model.get_audio_features(kwargs["input_features"], kwargs["input_features_mask"]).pooler_output.shape[0]
-                ids[0, 1:1 + n] = inputs["audio_token"]
-            logits = model(input_ids=ids, use_cache=False, **kwargs).logits
+            n = sum(len(v) for v in model.get_video_features(kwargs["pixel_values_videos"]).pooler_output)
+            ids[0, 1:1 + n] = inputs["image_token"]
+        if "input_features" in kwargs:
+            n = model.get_audio_features(kwargs["input_features"], kwargs["input_features_mask"]).pooler_output.shape[0]
+            ids[0, 1:1 + n] = inputs["audio_token"]
+        logits = model(input_ids=ids, use_cache=False, **kwargs).logits
     inputs["input_ids"] = ids.cpu()
     return logits.float().cpu()
 
@@ -168,7 +163,7 @@ PROBES: Dict[str, List[Probe]] = {
     "nemotron_h": [TEXT],
     "nemotron_omni": [_omni_probe("text", "random token ids"),
                       _omni_probe("image", "one 4x4-patch image"),
-                      _omni_probe("video", "3 frames of 4x4 patches"),
+                      _omni_probe("video", "2 tubelets of 4x4 patches"),
                       _omni_probe("audio", "one clip of 40 mel frames")],
 }
 

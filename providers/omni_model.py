@@ -71,23 +71,50 @@ class RadioVisionModel(RADIOViTModel):
             out.append(self._encode(patches.unsqueeze(0), rows, cols)[0])
         return out
 
-    def forward_video(self, frames: torch.Tensor) -> torch.Tensor:
-        """`[frames, 3, H, W]` -> `[frames/T, (H/p)*(W/p), hidden]`, T = temporal_patch_dim.
-
-        Frames are packed T at a time along channels; an incomplete last group repeats the last frame
-        (as the reference does)."""
-        t = self.temporal_patch_dim
-        if frames.shape[0] % t:
-            frames = torch.cat([frames, frames[-1:].expand(t - frames.shape[0] % t, -1, -1, -1)])
-        n, c, h, w = frames.shape
-        packed = frames.reshape(n // t, t * c, h, w).to(self.embedder.weight.dtype)
+    def forward_video(self, tubelets: torch.Tensor) -> torch.Tensor:
+        """`[tubelets, T*3, H, W]` (T = temporal_patch_dim consecutive frames stacked along channels)
+        -> `[tubelets, (H/p)*(W/p), hidden]`."""
+        n, c, h, w = tubelets.shape
         p = self.patch_dim
         rows, cols = h // p, w // p
-        patches = packed.reshape(n // t, t * c, rows, p, cols, p).permute(0, 2, 4, 1, 3, 5)
-        patches = patches.reshape(n // t, rows * cols, t * c * p * p)
+        patches = tubelets.to(self.embedder.weight.dtype).reshape(n, c, rows, p, cols, p).permute(0, 2, 4, 1, 3, 5)
+        patches = patches.reshape(n, rows * cols, c * p * p)
         embedder = self.video_embedder if self.video_embedder is not None else self.embedder
         embedded, _ = embedder(patches)
         return self._encode(embedded, rows, cols)
+
+
+def video_tubelets(pixel_values_videos: torch.Tensor, temporal_patch_dim: int, num_frames=None) -> torch.Tensor:
+    """The video input in transformers' current format, `[videos, tubelets, T*3, H, W]`.
+
+    Accepted: that format (what transformers >= 5.24's video processor returns, with `num_frames`,
+    the real frame count of each video before its last tubelet was filled), or the frames of one
+    video, `[frames, 3, H, W]` (the format of transformers 5.23, deprecated there and announced for
+    removal in 5.28), packed here exactly as transformers packs them: the last frame repeats to fill
+    the last tubelet."""
+    t = temporal_patch_dim
+    if pixel_values_videos.dim() == 4:
+        frames = pixel_values_videos
+        if frames.shape[1] != 3:
+            raise ValueError(f"pixel_values_videos: frames [frames, 3, H, W] expected, got {tuple(frames.shape)}")
+        if frames.shape[0] % t:
+            frames = torch.cat([frames, frames[-1:].expand(t - frames.shape[0] % t, -1, -1, -1)])
+        tubelets = frames.reshape(1, -1, t * 3, *frames.shape[-2:])
+    elif pixel_values_videos.dim() == 5:
+        tubelets = pixel_values_videos
+        if tubelets.shape[2] != t * 3:
+            raise ValueError(f"pixel_values_videos: tubelets [videos, tubelets, {t}*3, H, W] expected (temporal patch "
+                             f"size {t}), got {tuple(tubelets.shape)}")
+    else:
+        raise ValueError("pixel_values_videos: expected [videos, tubelets, T*3, H, W] (transformers' video processor) "
+                         f"or the [frames, 3, H, W] frames of one video, got {tuple(pixel_values_videos.shape)}")
+    if num_frames is not None:
+        counts = [int(n) for n in (num_frames.tolist() if isinstance(num_frames, torch.Tensor) else num_frames)]
+        if len(counts) != tubelets.shape[0] or any(-(-n // t) != tubelets.shape[1] for n in counts):
+            raise ValueError(f"num_frames {counts} does not match pixel_values_videos {tuple(tubelets.shape)}: "
+                             f"each video of {tubelets.shape[1]} tubelets of {t} frames holds "
+                             f"{(tubelets.shape[1] - 1) * t + 1}..{tubelets.shape[1] * t} frames")
+    return tubelets
 
 
 def pixel_shuffle(features: torch.Tensor, rows: int, cols: int, scale: float = 0.5) -> torch.Tensor:
@@ -99,16 +126,16 @@ def pixel_shuffle(features: torch.Tensor, rows: int, cols: int, scale: float = 0
     return x.reshape(n, -1, x.shape[-1])
 
 
-def evs_retention_mask(video: torch.Tensor, frames: int, rows: int, cols: int, pruning_rate: float) -> torch.Tensor:
-    """Efficient Video Sampling: which of the `frames*rows*cols` video tokens to keep.
+def evs_retention_mask(video: torch.Tensor, num_tubelets: int, pruning_rate: float) -> torch.Tensor:
+    """Efficient Video Sampling: which of one video's `num_tubelets * tokens` tokens to keep.
 
     A token's score is its dissimilarity (1 - cosine similarity) to the same position in the
-    previous frame; the first frame always stays (score 255). The `max(one frame,
-    frames*rows*cols*(1-rate))` highest-scoring tokens are kept (stable order on ties)."""
-    x = video.reshape(frames, rows, cols, video.shape[-1])
+    previous tubelet; the first tubelet always stays (score 255). The `max(one tubelet,
+    num_tubelets*tokens*(1-rate))` highest-scoring tokens are kept (stable order on ties)."""
+    x = video.reshape(num_tubelets, -1, video.shape[-1])
     dissimilarity = 1 - F.cosine_similarity(x[1:], x[:-1], dim=-1)
-    dissimilarity = torch.cat([255 * torch.ones_like(x[:1, :, :, 0]), dissimilarity]).reshape(-1)
-    keep_count = max(rows * cols, int(frames * rows * cols * (1 - pruning_rate)))
+    dissimilarity = torch.cat([255 * torch.ones_like(x[:1, :, 0]), dissimilarity]).reshape(-1)
+    keep_count = max(x.shape[1], int(num_tubelets * x.shape[1] * (1 - pruning_rate)))
     order = torch.argsort(dissimilarity, descending=True, stable=True)[:keep_count]
     keep = torch.zeros_like(dissimilarity, dtype=torch.bool)
     keep[order] = True
@@ -198,36 +225,42 @@ class NemotronOmniModel(MegatronModule):
                     for f, (r, c) in zip(feats, image_grid_hw.tolist())]
         return self.vision_projection(torch.cat(shuffled))
 
-    def video_embeddings(self, pixel_values_videos):
-        """Projected video tokens `[groups*rows*cols, hidden]` (frame groups, then positions) and
-        the keep-mask of Efficient Video Sampling (None when `video_pruning_rate` is 0)."""
-        feats = self.vision_model.forward_video(pixel_values_videos)
+    def video_embeddings(self, pixel_values_videos, num_frames=None):
+        """Projected video tokens `[videos*tubelets*tokens, hidden]` (video by video, tubelet by
+        tubelet, then positions) and the keep-mask of Efficient Video Sampling, computed per video
+        (None when `video_pruning_rate` is 0)."""
+        tubelets = video_tubelets(pixel_values_videos, self.vision_model.temporal_patch_dim, num_frames)
+        videos, per_video = tubelets.shape[:2]
+        feats = self.vision_model.forward_video(tubelets.flatten(0, 1))
         p = self.vision_model.patch_dim
-        rows, cols = pixel_values_videos.shape[-2] // p, pixel_values_videos.shape[-1] // p
+        rows, cols = tubelets.shape[-2] // p, tubelets.shape[-1] // p
         projected = self.vision_projection(pixel_shuffle(feats, rows, cols, self.downsample_ratio))
-        video = projected.reshape(-1, projected.shape[-1])
+        video = projected.reshape(videos, -1, projected.shape[-1])
         keep = None
         if self.video_pruning_rate > 0:
-            scale = int(1 / self.downsample_ratio)
-            keep = evs_retention_mask(video, projected.shape[0], rows // scale, cols // scale, self.video_pruning_rate)
-        return video, keep
+            keep = torch.cat([evs_retention_mask(v, per_video, self.video_pruning_rate) for v in video])
+        return video.reshape(-1, video.shape[-1]), keep
 
     def sound_embeddings(self, input_features, input_features_mask) -> torch.Tensor:
         return self.sound_projection(self.sound_encoder(input_features, input_features_mask))
 
     @staticmethod
     def _prune(keep, embeddings, input_ids, labels):
-        if input_ids.shape[0] != 1:
-            raise ValueError("Efficient Video Sampling prunes the sequence; it needs batch size 1 (as the reference)")
-        k = keep[0]
-        labels = labels[:, k] if labels is not None else None
-        return embeddings[k], input_ids[:, k], labels
+        """Drop the tokens EVS pruned; every row must keep as many (as transformers requires)."""
+        kept = keep.sum(-1)
+        if bool((kept != kept[0]).any()):
+            raise ValueError(f"Efficient Video Sampling keeps {kept.tolist()} tokens in the rows of the batch; "
+                             "the rows must keep equally many (one video prompt per batch, as transformers)")
+        b = input_ids.shape[0]
+        embeddings = embeddings.transpose(0, 1)[keep].reshape(b, -1, embeddings.shape[-1]).transpose(0, 1)
+        labels = labels[keep].reshape(b, -1) if labels is not None else None
+        return embeddings.contiguous(), input_ids[keep].reshape(b, -1), labels
 
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
                 attention_mask: Optional[torch.Tensor] = None, *, pixel_values=None, image_grid_hw=None,
-                pixel_values_videos=None, input_features=None, input_features_mask=None, labels=None,
-                loss_mask=None, packed_seq_params=None, **kwargs):
+                pixel_values_videos=None, num_frames=None, input_features=None, input_features_mask=None,
+                labels=None, loss_mask=None, packed_seq_params=None, **kwargs):
         """Logits `[batch, seq, padded_vocab]`, or per-token losses when `labels` are given (the
         training loop applies `loss_mask`, as with megatron's GPT/Mamba models)."""
         if position_ids is None:
@@ -241,7 +274,9 @@ class NemotronOmniModel(MegatronModule):
                     raise ValueError("pixel_values given but this model has no vision encoder")
                 visual.append(self.image_embeddings(pixel_values, image_grid_hw))
             if pixel_values_videos is not None:
-                video, video_keep = self.video_embeddings(pixel_values_videos)
+                if self.vision_model is None:
+                    raise ValueError("pixel_values_videos given but this model has no vision encoder")
+                video, video_keep = self.video_embeddings(pixel_values_videos, num_frames)
                 visual.append(video)
             if visual:  # images and video frames both use the image token, in that order
                 embeddings = scatter_features(embeddings, input_ids, self.image_token_index,
@@ -256,7 +291,7 @@ class NemotronOmniModel(MegatronModule):
                 placeholders = (input_ids == self.image_token_index).nonzero()
                 keep[tuple(placeholders[len(placeholders) - len(video_keep):].T)] = video_keep
                 embeddings, input_ids, labels = self._prune(keep, embeddings, input_ids, labels)
-                position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
+                position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0).expand_as(input_ids)
             if self.config.sequence_parallel:  # merged on the full sequence, then split across TP
                 embeddings = tensor_parallel.scatter_to_sequence_parallel_region(embeddings)
             decoder_input = embeddings

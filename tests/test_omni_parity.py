@@ -54,18 +54,60 @@ def test_two_images_of_different_grids(omni):
     _check(hf, model, ids, "images", dict(pixel_values=pixels, image_grid_hw=grid))
 
 
-def test_video_with_odd_frame_count(omni):
-    """transformers 5.23's own forward fails on video, so the reference is assembled from
-    `get_video_features` exactly as its forward would (masked_scatter on the image token)."""
+def _video_ids(hf, count, rows=1):
+    """`rows` samples with `count` image-token placeholders each (the video tokens)."""
+    ids = torch.cat([_ids() for _ in range(rows)])
+    ids[:, 3:3 + count] = IMAGE_TOKEN
+    return ids
+
+
+def _tubelets(videos, tubelets, h, w, seed):
+    """Random videos in transformers' tubelet format [videos, tubelets, 2*3, H, W] (temporal patch 2)."""
+    return torch.randn(videos, tubelets, 6, h, w, generator=torch.Generator().manual_seed(seed))
+
+
+def test_two_tubelet_videos_with_odd_frame_counts(omni):
+    """The format of transformers' video processor: several videos, the last tubelet of an odd frame
+    count filled by the processor; `num_frames` travels with it. Reference: transformers' forward."""
     hf, model, _ = omni
-    frames = torch.randn(5, 3, 16, 24, generator=G)  # 5 frames, temporal patch 2: last frame repeats
+    videos = _tubelets(2, 3, 16, 24, seed=6)  # 2 videos x 3 tubelets of 4x6 patches -> 6 tokens each
+    kwargs = dict(pixel_values_videos=videos, num_frames=[5, 6])
+    ids = _video_ids(hf, 2 * 3 * 6)
     with torch.no_grad():
-        video = hf.get_video_features(frames).pooler_output.reshape(-1, hf.config.text_config.hidden_size)
-        ids = _place(_ids(), IMAGE_TOKEN, video.shape[0])
-        embeds = hf.get_input_embeddings()(ids)
-        embeds = embeds.masked_scatter((ids == IMAGE_TOKEN).unsqueeze(-1).expand_as(embeds), video)
-        ref = hf.language_model(inputs_embeds=embeds, use_cache=False).logits
-    _check(hf, model, ids, "video", mg_kwargs=dict(pixel_values_videos=frames), reference=ref)
+        ref = hf(input_ids=ids, pixel_values_videos=videos, use_cache=False).logits
+    _check(hf, model, ids, "2 tubelet videos", mg_kwargs=kwargs, reference=ref)
+
+
+def test_tubelet_videos_across_a_batch(omni):
+    """Two prompts of one video each: video tokens fill the placeholders row by row."""
+    hf, model, _ = omni
+    videos = _tubelets(2, 2, 16, 16, seed=7)  # 2 x 2 tubelets of 2x2 tokens: 8 per video
+    ids = _video_ids(hf, 8, rows=2)
+    with torch.no_grad():
+        ref = hf(input_ids=ids, pixel_values_videos=videos, use_cache=False).logits
+    _check(hf, model, ids, "video batch", mg_kwargs=dict(pixel_values_videos=videos), reference=ref)
+
+
+def test_video_frames_in_the_older_4d_format(omni):
+    """`[frames, 3, H, W]` of one video (transformers 5.23's format, still accepted by 5.24): packed
+    as transformers packs it, the last frame repeated to fill the last tubelet."""
+    hf, model, _ = omni
+    frames = torch.randn(5, 3, 16, 24, generator=torch.Generator().manual_seed(8))
+    tubelets = torch.cat([frames, frames[-1:]]).reshape(1, 3, 6, 16, 24)
+    ids = _video_ids(hf, 3 * 6)
+    with torch.no_grad():
+        ref = hf(input_ids=ids, pixel_values_videos=tubelets, use_cache=False).logits
+        legacy = hf(input_ids=ids, pixel_values_videos=frames, use_cache=False).logits
+    assert torch.equal(ref, legacy)  # transformers packs the 4-D frames the same way
+    _check(hf, model, ids, "video 4-D frames", mg_kwargs=dict(pixel_values_videos=frames), reference=ref)
+
+
+def test_num_frames_that_do_not_fit_the_tubelets_are_refused(omni):
+    _, model, _ = omni
+    videos = _tubelets(1, 3, 16, 16, seed=9)
+    ids = _video_ids(None, 3 * 4)
+    with pytest.raises(ValueError, match=r"num_frames \[7\] does not match"):
+        model(ids, pixel_values_videos=videos, num_frames=[7])
 
 
 def test_padded_audio_clips(omni):
@@ -166,29 +208,23 @@ def test_freeze_flags_freeze_exactly_their_module(omni):
             assert grads == ({False} if name == module else {True}), (flag, name)
 
 
-def test_video_with_efficient_video_sampling(omni):
-    """video_pruning_rate > 0: the pruned tokens leave the sequence (reference assembled by hand
-    from get_video_features and transformers' own compute_retention_mask)."""
-    from transformers.models.nemotron_h_omni.modeling_nemotron_h_omni import compute_retention_mask
-
+@pytest.mark.parametrize("videos,rows", [(1, 1), (2, 1), (2, 2)])
+def test_video_with_efficient_video_sampling(omni, videos, rows):
+    """video_pruning_rate > 0: the pruned tokens leave the sequence, chosen per video (videos of 3
+    tubelets of 2x2 tokens); reference: transformers' forward with the same rate."""
     hf, model, _ = omni
-    frames = torch.randn(6, 3, 16, 16, generator=torch.Generator().manual_seed(4))  # 3 groups of 2x2 tokens
+    tubelets = _tubelets(videos, 3, 16, 16, seed=10 + videos)
+    ids = _video_ids(hf, videos * 12 // rows, rows=rows)
     rate = 0.5
-    with torch.no_grad():
-        video = hf.get_video_features(frames).pooler_output.reshape(-1, hf.config.text_config.hidden_size)
-        ids = _place(_ids(), IMAGE_TOKEN, video.shape[0])
-        embeds = hf.get_input_embeddings()(ids)
-        embeds = embeds.masked_scatter((ids == IMAGE_TOKEN).unsqueeze(-1).expand_as(embeds), video)
-        keep_video = compute_retention_mask(video_embeds=video, thw=(3, 2, 2), spatial_merge_size=1, q=rate)
-        assert 0 < int(keep_video.sum()) < video.shape[0]  # something is pruned, something kept
-        keep = torch.ones_like(ids, dtype=torch.bool)
-        keep[ids == IMAGE_TOKEN] = keep_video
-        ref = hf.language_model(inputs_embeds=embeds[keep].unsqueeze(0), use_cache=False).logits
-    model.video_pruning_rate = rate
+    hf.video_pruning_rate = model.video_pruning_rate = rate
     try:
-        _check(hf, model, ids, "video+EVS", mg_kwargs=dict(pixel_values_videos=frames), reference=ref)
+        with torch.no_grad():
+            ref = hf(input_ids=ids, pixel_values_videos=tubelets, use_cache=False).logits
+        assert ref.shape[1] < ids.shape[1]  # something is pruned
+        _check(hf, model, ids, f"video+EVS {videos} videos / {rows} rows",
+               mg_kwargs=dict(pixel_values_videos=tubelets), reference=ref)
     finally:
-        model.video_pruning_rate = 0.0
+        hf.video_pruning_rate = model.video_pruning_rate = 0.0
 
 
 def test_radio_layer_scale_other_than_one_is_refused(parallel_state, tmp_path):
