@@ -18,7 +18,6 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
-from megatron.core import parallel_state
 from megatron.core.activations import squared_relu
 from megatron.core.models.vision.multimodal_projector import MultimodalProjector
 from megatron.core.transformer import TransformerConfig
@@ -197,9 +196,10 @@ class NemotronOmniModelProvider(NemotronVLModelProvider):
         from providers.layer_specs import get_projector_mlp_submodules, get_vit_layer_spec
         from providers.omni_model import NemotronOmniModel, RadioVisionModel
 
-        if pre_process is None:
-            pre_process = parallel_state.is_pipeline_first_stage()
+        # The language model is built first: its provider sets up megatron's parallel state when none
+        # exists, and decides whether this chunk is the first pipeline stage (the encoders' home).
         language_model = self.provide_language_model(pre_process, post_process, vp_stage)
+        pre_process = language_model.pre_process
         lm_cfg = language_model.config
         te = use_transformer_engine()
         parts = {}
