@@ -1,16 +1,25 @@
-"""CPU accommodations for megatron-core 0.16.1's hybrid Mamba model, all in one place.
+"""CPU accommodations for megatron-core's hybrid Mamba model, all in one place.
 
-`apply_cpu_patches()` lets `MambaModel` (Mamba2 `M`, attention `*`, MLP `-` and MoE `E` layers)
-build and run forward and backward on a machine without CUDA, Transformer Engine (TE), mamba-ssm,
-causal-conv1d, triton or apex. It is idempotent and does nothing at all when
-`torch.cuda.is_available()`: the GPU path runs megatron-core untouched.
+Checked with megatron-core 0.16.1 (Python 3.11) and 0.19.2 (Python 3.12); see
+`providers.megatron_imports` for what moved between them.
+
+`apply_cpu_patches()` lets the hybrid model (0.16.1 `MambaModel`, 0.19.2 `HybridModel`; Mamba2 `M`,
+attention `*`, MLP `-` and MoE `E` layers) build and run forward and backward on a machine without
+CUDA, Transformer Engine (TE), mamba-ssm, causal-conv1d, triton or apex. It is idempotent and does
+nothing at all when `torch.cuda.is_available()`: the GPU path runs megatron-core untouched. Every
+patch checks its target first and raises RuntimeError, naming the megatron-core version and the
+missing target, when megatron-core no longer has it (nothing is skipped silently).
+
+What the CPU build needs and megatron-core offers an extension point for is not patched but built
+by `providers.layer_specs` (layer specs and module subclasses): the TE-named linears and norms, the
+attention's causal mask (formerly patch 3), the stack's final norm (formerly patch 8).
 
 The CPU build uses the spec of `providers.layer_specs.get_mamba_stack_spec(use_te=False, ...)`,
 whose parameter names equal the TE spec's, and the model config must set (the provider's job):
 
 * ``use_mamba_mem_eff_path=False``: the memory-efficient training path calls mamba-ssm's fused
   ``mamba_split_conv1d_scan_combined`` (no torch version here); the other path (``_ssm_prefill``)
-  uses ``nn.Conv1d`` when causal-conv1d is absent and the pure-torch scan below.
+  uses a torch convolution when causal-conv1d is absent and the pure-torch scan below.
 * ``masked_softmax_fusion=False`` (the local ``DotProductAttention`` would otherwise look for
   megatron's fused-softmax CUDA kernels with fp16/bf16 inputs), ``persist_layer_norm=False``,
   ``bias_dropout_fusion=False``, ``apply_rope_fusion=False``, ``gradient_accumulation_fusion=False``.
@@ -25,9 +34,10 @@ Patches (each is applied only when CUDA is unavailable, and each is as narrow as
 
 1. ``megatron.core.inference.contexts.attention_context.triton.tensor_ops``: the Mamba mixer
    imports three triton kernels from it at module level and ``import triton`` fails. We register a
-   stand-in module (only if the real import fails) whose functions raise ``NotImplementedError``:
-   they are used only by dynamic-batching inference, which also needs causal-conv1d's varlen
-   kernels and is not supported on CPU.
+   stand-in module (only if the real import fails: where triton is installed, as beside 0.19.2
+   here, the real module is used) whose functions raise ``NotImplementedError``: they are used
+   only by dynamic-batching inference, which also needs causal-conv1d's varlen kernels and is not
+   supported on CPU.
 2. ``torch.cuda.*`` as seen by a fixed list of megatron modules (`_CUDA_PROXY_MODULES`): those
    modules allocate with ``device=torch.cuda.current_device()`` (Mamba mixer parameters, MoE router
    buffers, the tensor-parallel linears/embedding and TP>1 mappings, ``GlobalMemoryBuffer`` used by
@@ -36,10 +46,11 @@ Patches (each is applied only when CUDA is unavailable, and each is as narrow as
    *in those modules only* by a proxy that forwards everything to ``torch`` except ``torch.cuda``, whose ``current_device()`` is
    the default device (cpu, or meta inside ``with torch.device("meta")``), ``Stream``/``current_stream``/``stream``/``synchronize``/``Event`` are
    no-ops. Global ``torch.cuda`` is left alone (other libraries keep their own checks).
-3. ``megatron.core.fusions.fused_softmax.get_default_causal_mask`` and
-   ``get_sliding_window_causal_mask``: megatron's versions (transformer/utils.py) build the mask
-   with a literal ``device="cuda"``; with ``attention_mask=None`` and a causal mask type the local
-   softmax builds it on every call. Replaced (in fused_softmax's namespace only) by CPU versions.
+3. (Removed.) megatron's ``get_default_causal_mask`` / ``get_sliding_window_causal_mask``
+   (transformer/utils.py) build the mask with a literal ``device="cuda"``, and the local softmax
+   builds it when it gets no mask. No patch: the CPU spec's attention,
+   `providers.layer_specs.DotProductAttention`, hands the softmax the same mask built on its inputs'
+   device (`causal_mask`, `sliding_window_causal_mask`).
 4. RNG tracker: ``model_parallel_cuda_manual_seed`` seeds/forks CUDA generators. We install
    megatron's own inference tracker (``initialize_rng_tracker(inference_rng_tracker=True)``), whose
    ``add``/``set_states`` are no-ops and ``fork()`` a null context, so parameter init and dropout
@@ -47,8 +58,9 @@ Patches (each is applied only when CUDA is unavailable, and each is as narrow as
    `cpu_manual_seed`). A later ``model_parallel_cuda_manual_seed(seed)`` (without
    ``force_reset_rng``) keeps this tracker and works too (``torch.cuda.manual_seed`` is lazy).
 5. ``megatron.core.transformer.moe.moe_utils.te_general_gemm``: referenced by the router gating
-   GEMM but only bound when TE imports, so the router raises ``NameError`` without TE. Set to
-   ``None`` (megatron's own fallback to ``torch.mm`` then runs).
+   GEMM but, in 0.16.1, only bound when TE imports, so the router raises ``NameError`` without TE.
+   Set to ``None`` (megatron's own fallback to ``torch.mm`` then runs). 0.19.2 binds it to None
+   itself: then nothing is done.
 6. ``maybe_move_tensor_to_cpu`` as imported by ``token_dispatcher``: the alltoall dispatcher relies
    on it to turn the split sizes into host numpy arrays, but it only acts on CUDA tensors, so on
    CPU the splits stay tensors and ``all_to_all_single`` fails (EP > 1), and ``.tolist()`` on the
@@ -62,10 +74,12 @@ Patches (each is applied only when CUDA is unavailable, and each is as narrow as
    scan `mamba_chunk_scan_combined` (pure torch, autograd) and a ``mamba_split_conv1d_scan_combined``
    that raises with a message asking for ``use_mamba_mem_eff_path=False``.
    ``selective_state_update``/``causal_conv1d_*`` stay ``None``: megatron has torch fallbacks.
-8. ``megatron.core.ssm.mamba_block.TENorm``: ``MambaStack.final_norm`` is hard-wired to TE's
-   ``TENorm``. Replaced (in mamba_block's namespace only) by `TorchNorm`, which takes TENorm's
-   arguments, has its parameter names (``weight``, plus ``bias`` for LayerNorm) and, like TE >= 2,
-   an ``_extra_state`` entry (None here) so state dicts have the same keys.
+8. (Removed.) The stack's ``final_norm`` is hard-wired to TE's ``TENorm``; the patch replaced
+   ``mamba_block.TENorm``, which from 0.18 on no longer reaches the stack (``mamba_block``
+   re-exports ``models.hybrid.hybrid_block``, which imports its own ``TENorm``). No patch: the CPU
+   spec's stack is `providers.layer_specs.CpuHybridStack`, which builds `TorchNorm` (TENorm's
+   arguments and parameter names, ``weight`` plus ``bias`` for LayerNorm, and, like TE >= 2, an
+   ``_extra_state`` entry, None here, so state dicts have the same keys) as its final norm.
 
 9. ``megatron.core.pipeline_parallel.schedules``: every schedule (no pipelining, 1F1B, interleaved)
    allocates its token counter with a literal ``torch.zeros([], device="cuda")``, and
@@ -109,6 +123,8 @@ __all__ = [
     "ExtendedRMSNorm",
     "TorchNorm",
     "apply_norm",
+    "causal_mask",
+    "sliding_window_causal_mask",
 ]
 
 _APPLIED = False
@@ -548,12 +564,15 @@ def _install_triton_tensor_ops_stub():
         sys.modules[_TRITON_TENSOR_OPS] = stub
 
 
-def _cpu_default_causal_mask(sq: int) -> torch.Tensor:
-    return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
+def causal_mask(sq: int, sk: int, device=None) -> torch.Tensor:
+    """megatron's ``get_default_causal_mask`` ([sq, sk] bool, True above the diagonal = masked) on
+    `device` (megatron's is built on CUDA); used by `providers.layer_specs.DotProductAttention`."""
+    return torch.triu(torch.ones(sq, sk, dtype=torch.bool, device=device), diagonal=1)
 
 
-def _cpu_sliding_window_causal_mask(sq, skv, window_size):
-    m = torch.ones(sq, skv, dtype=torch.bool)
+def sliding_window_causal_mask(sq: int, skv: int, window_size, device=None) -> torch.Tensor:
+    """megatron's ``get_sliding_window_causal_mask`` on `device` (megatron's is built on CUDA)."""
+    m = torch.ones(sq, skv, dtype=torch.bool, device=device)
     mu = torch.triu(m, diagonal=skv - sq - window_size[0])
     ml = torch.tril(mu, diagonal=skv - sq + window_size[1])
     return ~ml
@@ -618,10 +637,68 @@ def cpu_config_overrides(config=None) -> dict:
     }
 
 
+def _mcore_version() -> str:
+    import megatron.core
+
+    return getattr(megatron.core, "__version__", "unknown")
+
+
+def _patch_target_missing(what: str, why: str = "not found") -> RuntimeError:
+    """The error every patch raises when its target is gone: megatron-core changed under it."""
+    return RuntimeError(
+        f"providers.cpu_compat: CPU patch target {what} {why} in megatron-core {_mcore_version()} "
+        "(the patches were checked with megatron-core 0.16.1 and 0.19.2); the CPU build cannot run "
+        "on this megatron-core without updating providers/cpu_compat.py."
+    )
+
+
+def _target_module(name: str):
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:
+        raise _patch_target_missing(f"module {name}", f"cannot be imported ({e})") from e
+
+
+def _target(module_name: str, *attrs: str):
+    """The module `module_name`, after checking that it has every attribute in `attrs`."""
+    module = _target_module(module_name)
+    for attr in attrs:
+        if not hasattr(module, attr):
+            raise _patch_target_missing(f"{module_name}.{attr}")
+    return module
+
+
+def _set_module_torch(module_name: str, proxy, allowed=()) -> None:
+    """Replace the module-global ``torch`` of `module_name` by `proxy` (loudly if it has none)."""
+    module = _target_module(module_name)
+    current = getattr(module, "torch", None)
+    if current is torch or current is proxy or isinstance(current, allowed):
+        module.torch = proxy
+    else:
+        raise _patch_target_missing(f"{module_name}.torch (the module-global torch it allocates with)",
+                                    f"is {current!r}, not the torch module")
+
+
+def _require_global_uses(module, names, *functions) -> None:
+    """Each of `names` is a global that one of `functions` (or a method of a class among them)
+    looks up: the module globals patched below are what megatron's code actually calls."""
+    used = set()
+    for f in functions:
+        for attr in (vars(f).values() if isinstance(f, type) else (f,)):
+            code = getattr(getattr(attr, "__func__", attr), "__code__", None)  # staticmethods too
+            if code is not None:
+                used.update(code.co_names)
+    for name in names:
+        if name not in used:
+            raise _patch_target_missing(f"{module.__name__}.{name}", "is no longer used by the code the patch is for")
+
+
 def apply_cpu_patches() -> bool:
     """Apply all CPU accommodations (see the module docstring). Idempotent.
 
     Returns True if the patches are (now) in place, False when CUDA is available (nothing done).
+    Raises RuntimeError, naming the megatron-core version and the target, when a patch's target is
+    missing from this megatron-core.
     """
     global _APPLIED
     if torch.cuda.is_available():
@@ -633,34 +710,30 @@ def apply_cpu_patches() -> bool:
     _install_triton_tensor_ops_stub()
 
     # 2. torch.cuda proxy in the modules that allocate on / synchronise with the current device.
+    # (3 and 8 are gone: see the module docstring.)
     for name in _CUDA_PROXY_MODULES:
-        module = importlib.import_module(name)
-        if getattr(module, "torch", None) is torch:
-            module.torch = _CPU_TORCH
+        _set_module_torch(name, _CPU_TORCH)
 
-    # 3. CPU causal masks for the unfused softmax.
-    from megatron.core.fusions import fused_softmax
-
-    fused_softmax.get_default_causal_mask = _cpu_default_causal_mask
-    fused_softmax.get_sliding_window_causal_mask = _cpu_sliding_window_causal_mask
-
-    # 4. RNG tracker.
+    # 4. RNG tracker (megatron's own inference tracker).
+    _target("megatron.core.tensor_parallel.random", "initialize_rng_tracker", "_CUDA_RNG_STATE_TRACKER")
     _install_cpu_rng_tracker()
 
-    # 5. te_general_gemm NameError in the router GEMM.
-    from megatron.core.transformer.moe import moe_utils
-
+    # 5. te_general_gemm NameError in the router GEMM: 0.16.1 binds the name only when TE imports
+    # (0.19.2 binds it to None without TE, then nothing is to be done).
+    moe_utils = _target("megatron.core.transformer.moe.moe_utils", "RouterGatingLinearFunction")
+    _require_global_uses(moe_utils, ["te_general_gemm"], moe_utils.RouterGatingLinearFunction)
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
 
-    # 6. alltoall split sizes as plain lists.
-    from megatron.core.transformer.moe import token_dispatcher
-
+    # 6. alltoall split sizes as host numpy arrays.
+    token_dispatcher = _target("megatron.core.transformer.moe.token_dispatcher", "maybe_move_tensor_to_cpu")
     token_dispatcher.maybe_move_tensor_to_cpu = _maybe_move_tensor_to_cpu_cpu
 
     # 7. Mamba mixer without mamba-ssm.
-    from megatron.core.ssm import mamba_mixer
-
+    mamba_mixer = _target("megatron.core.ssm.mamba_mixer", "HAVE_MAMBA_SSM", "RMSNormGated", "ExtendedRMSNorm",
+                          "MambaMixer")
+    _require_global_uses(mamba_mixer, ["HAVE_MAMBA_SSM", "ExtendedRMSNorm", "mamba_chunk_scan_combined",
+                                       "mamba_split_conv1d_scan_combined"], mamba_mixer.MambaMixer)
     if not mamba_mixer.HAVE_MAMBA_SSM:
         mamba_mixer.HAVE_MAMBA_SSM = True
         mamba_mixer.RMSNormGated = GatedRMSNorm
@@ -671,15 +744,7 @@ def apply_cpu_patches() -> bool:
         )
 
     # 9. pipeline schedules' literal device="cuda" token counter.
-    from megatron.core.pipeline_parallel import schedules
-
-    if getattr(schedules, "torch", None) is torch:
-        schedules.torch = _CPU_TORCH_NO_CUDA_LITERALS
-
-    # 8. MambaStack.final_norm without TE.
-    from megatron.core.ssm import mamba_block
-
-    mamba_block.TENorm = TorchNorm
+    _set_module_torch("megatron.core.pipeline_parallel.schedules", _CPU_TORCH_NO_CUDA_LITERALS)
 
     _APPLIED = True
     return True
@@ -703,10 +768,9 @@ def apply_cpu_training_patches() -> None:
     """On a machine without CUDA, point the `torch` of the training modules above at a proxy that
     is `torch` except that `torch.cuda.current_device()` is the CPU and a literal `device="cuda"`
     in `tensor`/`zeros`/`ones`/`empty`/`full` means the CPU (the same technique as
-    patch 2 / 9, for the modules the bridge itself never runs). Does
-    nothing when CUDA is available."""
-    import importlib
-
+    patches 2 / 9, for the modules the bridge itself never runs). Does
+    nothing when CUDA is available. Raises RuntimeError (megatron-core version, target) when a
+    target is missing."""
     if torch.cuda.is_available():
         return
     apply_cpu_patches()
@@ -725,7 +789,7 @@ def apply_cpu_training_patches() -> None:
     proxy = _TorchNoCuda()
     for name in ("tensor", "zeros", "ones", "empty", "full"):
         setattr(proxy, name, _fix(getattr(torch, name)))
-    from megatron.core.optimizer import optimizer as megatron_optimizer
+    megatron_optimizer = _target("megatron.core.optimizer.optimizer", "clip_grad_by_total_norm_fp32")
 
     def clip_grad_by_total_norm_cpu(parameters, max_norm, total_norm, use_decoupled_grad=False):
         """megatron's clip_grad_by_total_norm_fp32 without its `torch.cuda.FloatTensor` assert."""
@@ -736,8 +800,5 @@ def apply_cpu_training_patches() -> None:
             torch._foreach_mul_(grads, coeff)
 
     megatron_optimizer.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_cpu
-    for name in _TRAINING_CUDA_MODULES:
-        module = importlib.import_module(name)
-        current = getattr(module, "torch", None)
-        if current is torch or isinstance(current, _CpuTorch):  # the latter: patch 2's proxy
-            module.torch = proxy
+    for name in _TRAINING_CUDA_MODULES:  # patch 2's proxy (megatron.core.utils) is replaced too
+        _set_module_torch(name, proxy, allowed=(_CpuTorch,))

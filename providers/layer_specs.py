@@ -13,9 +13,11 @@ the TE build's:
   ``ColumnParallelLinear`` that normalises its input first; the norm parameters are replicated
   across TP in ``sharded_state_dict`` (as in TE: only ``weight``/``bias`` get a TP axis).
 * `DotProductAttention`: megatron's local attention plus an ``_extra_state`` state-dict entry, as
-  TE's ``TEDotProductAttention`` has (it is not part of either build's sharded state dict).
-* ``providers.cpu_compat.TorchNorm`` in place of ``TENorm`` (MoE ``pre_mlp_layernorm``; the
-  stack's ``final_norm`` is patched by ``apply_cpu_patches``).
+  TE's ``TEDotProductAttention`` has (it is not part of either build's sharded state dict), that
+  builds its causal mask on its inputs' device (megatron's softmax builds it on CUDA).
+* ``providers.cpu_compat.TorchNorm`` in place of ``TENorm``: the MoE layer's ``pre_mlp_layernorm``
+  (a spec slot) and the stack's ``final_norm`` (hard-wired to TENorm in megatron's stack; built by
+  the stack subclass `CpuHybridStack`).
 
 The non-TE spec needs ``providers.cpu_compat.apply_cpu_patches()`` on a machine without CUDA (it is
 called here; a no-op with CUDA). With TE grouped GEMM the experts are ``TEGroupedMLP``, whose
@@ -32,11 +34,13 @@ import torch
 from torch import nn
 
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear
+from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.dot_product_attention import (
     DotProductAttention as _LocalDotProductAttention,
 )
 
 from providers import cpu_compat
+from providers.megatron_imports import HybridStack, HybridStackSubmodules, mlp_spec
 
 # Any positive number: the expert module classes do not depend on it.
 _SPEC_NUM_EXPERTS = 8
@@ -52,40 +56,16 @@ class LayerNormColumnParallelLinear(ColumnParallelLinear):
     parallelism the norm runs on the local sequence shard before the all-gather, as in TE.
     """
 
-    def __init__(
-        self,
-        input_size: int,
-        output_size: int,
-        *,
-        config,
-        init_method,
-        gather_output: bool,
-        bias: bool,
-        skip_bias_add: bool,
-        is_expert: bool,
-        skip_weight_param_allocation: bool = False,
-        tp_comm_buffer_name: str = None,
-        tp_group=None,
-        stride: int = 1,
-    ):
+    def __init__(self, input_size: int, output_size: int, *, config, gather_output: bool = False,
+                 is_expert: bool = False, **kwargs):
+        # kwargs: ColumnParallelLinear's (init_method, bias, skip_bias_add, tp_group, stride, ...;
+        # megatron-core 0.19.2 also passes `name`), forwarded as they come.
         if gather_output:
             raise ValueError("LayerNormColumnParallelLinear (as TE's) needs gather_output=False")
         if is_expert:
             raise ValueError("LayerNormColumnParallelLinear (as TE's) is not an expert layer")
-        super().__init__(
-            input_size,
-            output_size,
-            config=config,
-            init_method=init_method,
-            bias=bias,
-            gather_output=gather_output,
-            stride=stride,
-            skip_bias_add=skip_bias_add,
-            skip_weight_param_allocation=skip_weight_param_allocation,
-            is_expert=is_expert,
-            tp_comm_buffer_name=tp_comm_buffer_name,
-            tp_group=tp_group,
-        )
+        super().__init__(input_size, output_size, config=config, gather_output=gather_output,
+                         is_expert=is_expert, **kwargs)
         self.normalization = config.normalization
         if self.normalization not in ("RMSNorm", "LayerNorm"):
             raise ValueError(f"Unsupported normalization {config.normalization!r}")
@@ -122,11 +102,34 @@ class LayerNormColumnParallelLinear(ColumnParallelLinear):
 
 
 class DotProductAttention(_LocalDotProductAttention):
-    """megatron's local attention with TE's ``_extra_state`` state-dict entry (None)."""
+    """megatron's local attention with TE's ``_extra_state`` state-dict entry (None), building its
+    causal / sliding-window mask on the device of its inputs.
+
+    Without an attention mask, megatron's unfused softmax (`FusedScaleMaskSoftmax`) builds the
+    causal mask (and, with ``config.window_size``, the sliding-window mask) with a literal
+    ``device="cuda"`` (megatron.core.transformer.utils, 0.16.1 and 0.19.2). This attention hands the
+    softmax the same boolean mask (True = masked, the formulas of megatron's
+    ``get_default_causal_mask`` / ``get_sliding_window_causal_mask``) built on the query's device,
+    so megatron never builds one: the same scores, no CUDA.
+    """
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._register_load_state_dict_pre_hook(cpu_compat._ignore_missing_extra_state_hook)
+        softmax = self.scale_mask_softmax
+        if not hasattr(softmax, "window_size"):
+            raise RuntimeError("providers.layer_specs.DotProductAttention: megatron-core's FusedScaleMaskSoftmax "
+                               "has no `window_size` (checked with megatron-core 0.16.1 and 0.19.2)")
+        # The sliding window moves here: the softmax would build its mask on CUDA.
+        self.window_size, softmax.window_size = softmax.window_size, None
+
+    def forward(self, query, key, value, attention_mask, *args, **kwargs):
+        sq, sk = query.shape[0], key.shape[0]  # [s, b, heads, dim]
+        if self.window_size is not None:  # as megatron: the window replaces any given mask
+            attention_mask = cpu_compat.sliding_window_causal_mask(sq, sk, self.window_size, query.device)
+        elif attention_mask is None and self.attn_mask_type == AttnMaskType.causal and sq > 1:
+            attention_mask = cpu_compat.causal_mask(sq, sk, query.device)
+        return super().forward(query, key, value, attention_mask, *args, **kwargs)
 
     def get_extra_state(self):
         """Mirror TEDotProductAttention's `_extra_state` key (no FP8 metadata here)."""
@@ -136,16 +139,30 @@ class DotProductAttention(_LocalDotProductAttention):
         """TE extra state (FP8 metadata) is ignored."""
 
 
+class CpuHybridStack(HybridStack):
+    """megatron's hybrid stack (0.16.1 `MambaStack`, 0.19.2 `HybridStack`) with `TorchNorm` as its
+    final norm instead of the Transformer Engine `TENorm` the stack hard-wires.
+
+    The stack is built without its final norm (``post_layer_norm=False``: the TENorm it would build
+    needs TE), then `TorchNorm` becomes ``final_norm`` with TENorm's arguments and
+    ``post_layer_norm`` is restored: megatron's forward applies ``final_norm`` exactly when
+    ``post_process and post_layer_norm``. Same module order and names as the TE build.
+    """
+
+    def __init__(self, config, submodules, *args, post_layer_norm: bool = True, **kwargs):
+        super().__init__(config, submodules, *args, post_layer_norm=False, **kwargs)
+        self.post_layer_norm = post_layer_norm
+        if self.post_process and post_layer_norm:
+            self.final_norm = cpu_compat.TorchNorm(
+                config=self.config, hidden_size=self.config.hidden_size, eps=self.config.layernorm_epsilon)
+
+
 def _te_stack_spec(moe_grouped_gemm: bool):
     from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
     from megatron.core.models.mamba.mamba_layer_specs import mamba_stack_spec
 
-    moe = get_moe_module_spec(
-        use_te=True,
-        num_experts=_SPEC_NUM_EXPERTS,
-        moe_grouped_gemm=moe_grouped_gemm,
-        moe_use_legacy_grouped_gemm=False,
-    )
+    # (moe_use_legacy_grouped_gemm, gone in 0.19.2, defaults to False in 0.16.1.)
+    moe = get_moe_module_spec(use_te=True, num_experts=_SPEC_NUM_EXPERTS, moe_grouped_gemm=moe_grouped_gemm)
     # Shallow copies along the path to the MoE submodule: megatron's module-level spec object is
     # left untouched, everything else is shared with it.
     moe_layer = mamba_stack_spec.submodules.moe_layer
@@ -160,14 +177,12 @@ def _cpu_stack_spec():
 
     from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
     from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
-    from megatron.core.ssm.mamba_block import MambaStack, MambaStackSubmodules
     from megatron.core.ssm.mamba_layer import MambaLayer, MambaLayerSubmodules
     from megatron.core.ssm.mamba_mixer import MambaMixer, MambaMixerSubmodules
     from megatron.core.ssm.mlp_layer import MLPLayer
     from megatron.core.tensor_parallel.layers import RowParallelLinear
     from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
-    from megatron.core.transformer.enums import AttnMaskType
-    from megatron.core.transformer.mlp import MLP, MLPSubmodules
+    from megatron.core.transformer.mlp import MLPSubmodules
     from megatron.core.transformer.spec_utils import ModuleSpec
     from megatron.core.transformer.transformer_layer import (
         MoETransformerLayer,
@@ -178,15 +193,10 @@ def _cpu_stack_spec():
     ln_linear, attention = LayerNormColumnParallelLinear, DotProductAttention
     # Local backend, SequentialMLP experts (ColumnParallelLinear / RowParallelLinear), shared
     # experts ColumnParallelLinear / RowParallelLinear: same names as the TE backend's.
-    moe = get_moe_module_spec(
-        use_te=False,
-        num_experts=_SPEC_NUM_EXPERTS,
-        moe_grouped_gemm=False,
-        moe_use_legacy_grouped_gemm=False,
-    )
+    moe = get_moe_module_spec(use_te=False, num_experts=_SPEC_NUM_EXPERTS, moe_grouped_gemm=False)
     return ModuleSpec(
-        module=MambaStack,
-        submodules=MambaStackSubmodules(
+        module=CpuHybridStack,
+        submodules=HybridStackSubmodules(
             mamba_layer=ModuleSpec(
                 module=MambaLayer,
                 submodules=MambaLayerSubmodules(
@@ -217,11 +227,8 @@ def _cpu_stack_spec():
             mlp_layer=ModuleSpec(
                 module=MLPLayer,
                 submodules=TransformerLayerSubmodules(
-                    mlp=ModuleSpec(
-                        module=MLP,
-                        submodules=MLPSubmodules(
-                            linear_fc1=ln_linear, linear_fc2=RowParallelLinear
-                        ),
+                    mlp=mlp_spec(
+                        MLPSubmodules(linear_fc1=ln_linear, linear_fc2=RowParallelLinear)
                     ),
                     mlp_bda=get_bias_dropout_add,
                 ),
@@ -275,8 +282,7 @@ def get_vit_layer_spec(use_te: bool):
     """RADIO ViT layer: pre-LN attention (bidirectional: no mask) and pre-LN MLP, TE names."""
     from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
     from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
-    from megatron.core.transformer.enums import AttnMaskType
-    from megatron.core.transformer.mlp import MLP, MLPSubmodules
+    from megatron.core.transformer.mlp import MLPSubmodules
     from megatron.core.transformer.spec_utils import ModuleSpec
     from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
@@ -291,7 +297,7 @@ def get_vit_layer_spec(use_te: bool):
                     linear_qkv=ln_linear, core_attention=attention, linear_proj=row_linear),
             ),
             self_attn_bda=get_bias_dropout_add,
-            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=ln_linear, linear_fc2=row_linear)),
+            mlp=mlp_spec(MLPSubmodules(linear_fc1=ln_linear, linear_fc2=row_linear)),
             mlp_bda=get_bias_dropout_add,
         ),
     )

@@ -20,7 +20,7 @@ from megatron.core import parallel_state
 from megatron.core.activations import squared_relu
 from megatron.core.transformer import TransformerConfig
 
-from providers.megatron_imports import HAVE_TE, MambaModel
+from providers.megatron_imports import HAVE_TE, HYBRID_PACKAGE, MambaModel, build_hybrid_model
 
 # The hybrid pattern of Nemotron-3-Nano-30B-A3B: M = Mamba2, E = MoE, * = attention, - = MLP.
 NEMOTRON_3_NANO_PATTERN = "MEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEMEM*EMEMEMEME"
@@ -151,18 +151,19 @@ class MambaModelProvider(TransformerConfig):
         if post_process is None:
             post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
         spec = self.stack_spec(cfg)
-        if vp_stage is not None:
+        if vp_stage is not None and not HYBRID_PACKAGE:  # 0.16.1 (0.19.2: the model picks the chunk's layers)
             spec = virtual_stage_stack_spec(spec, vp_stage)
-        model = MambaModel(
+        return build_hybrid_model(
             config=cfg,
-            mamba_stack_spec=spec,
+            stack_spec=spec,
+            pattern=self.hybrid_override_pattern,
+            vp_stage=vp_stage,
             vocab_size=self.padded_vocab_size(),
             max_sequence_length=self.seq_length,
             pre_process=pre_process,
             post_process=post_process,
             hybrid_attention_ratio=self.hybrid_attention_ratio,
             hybrid_mlp_ratio=self.hybrid_mlp_ratio,
-            hybrid_override_pattern=self.hybrid_override_pattern,
             fp16_lm_cross_entropy=self.fp16_lm_cross_entropy,
             parallel_output=self.parallel_output,
             share_embeddings_and_output_weights=self.share_embeddings_and_output_weights,
@@ -172,9 +173,6 @@ class MambaModelProvider(TransformerConfig):
             seq_len_interpolation_factor=self.seq_len_interpolation_factor,
             scatter_embedding_sequence_parallel=self.scatter_embedding_sequence_parallel,
         )
-        if vp_stage is not None:
-            model.vp_stage = vp_stage
-        return model
 
 
 # ---------------------------------------------------------------------------- virtual pipeline
@@ -192,10 +190,15 @@ class _FlatPipelineGroup:
         return self._size
 
 
-def _virtual_stage_stack_class():
-    from megatron.core.ssm.mamba_block import MambaStack
+_VIRTUAL_STAGE_CLASSES: dict = {}
 
-    class VirtualStageMambaStack(MambaStack):
+
+def _virtual_stage_stack_class(base):
+    """`base` (megatron-core 0.16.1's MambaStack or a subclass) for one virtual pipeline stage."""
+    if base in _VIRTUAL_STAGE_CLASSES:
+        return _VIRTUAL_STAGE_CLASSES[base]
+
+    class VirtualStageMambaStack(base):
         """megatron-core 0.16.1's MambaStack for one virtual pipeline stage.
 
         MambaStack asserts `virtual_pipeline_model_parallel_size is None` when it picks its layers.
@@ -205,6 +208,8 @@ def _virtual_stage_stack_class():
         virtual stages (a config copy and a rank()/size() stand-in for the pipeline group, used
         only while building); afterwards it keeps the model's real config and pipeline group.
         Layer numbers are the global ones, so checkpoints and the bridge's names are unchanged.
+        (megatron-core 0.19.2 does this itself: '|' segments of the pattern, see
+        `providers.megatron_imports.build_hybrid_model`.)
         """
 
         def __init__(self, config, submodules, vp_stage: int = 0, pg_collection=None, **kwargs):
@@ -219,14 +224,16 @@ def _virtual_stage_stack_class():
             self.pp_group = pg_collection.pp
             self.vp_stage = vp_stage
 
+    _VIRTUAL_STAGE_CLASSES[base] = VirtualStageMambaStack
     return VirtualStageMambaStack
 
 
 def virtual_stage_stack_spec(spec, vp_stage: int):
-    """The stack spec with MambaStack replaced by its virtual-stage variant for chunk `vp_stage`."""
+    """The stack spec with its stack class replaced by the virtual-stage variant for chunk
+    `vp_stage` (megatron-core 0.16.1 only)."""
     from megatron.core.transformer.spec_utils import ModuleSpec
 
-    return ModuleSpec(module=_virtual_stage_stack_class(), submodules=spec.submodules,
+    return ModuleSpec(module=_virtual_stage_stack_class(spec.module), submodules=spec.submodules,
                       params={**(spec.params or {}), "vp_stage": vp_stage})
 
 

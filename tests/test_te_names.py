@@ -42,7 +42,10 @@ def test_cpu_build_has_the_te_spec_parameter_names(cpu_model):
     from megatron.core.extensions import transformer_engine as te
     from megatron.core.models.mamba.mamba_layer_specs import mamba_stack_spec
 
+    from providers.megatron_imports import checkpoint_name, spec_submodules
+
     spec = mamba_stack_spec.submodules
+    mlp = spec_submodules(spec.mlp_layer.submodules.mlp)  # a ModuleSpec (0.16.1) or a builder (0.19.2)
     layers = cpu_model.decoder.layers
     slots = [  # (module of the CPU build, the class the TE spec puts in that slot)
         (layers[0].mixer.in_proj, spec.mamba_layer.submodules.mixer.submodules.in_proj),
@@ -50,13 +53,19 @@ def test_cpu_build_has_the_te_spec_parameter_names(cpu_model):
         (layers[1].self_attention.linear_qkv, spec.attention_layer.submodules.self_attention.submodules.linear_qkv),
         (layers[1].self_attention.core_attention, spec.attention_layer.submodules.self_attention.submodules.core_attention),
         (layers[1].self_attention.linear_proj, spec.attention_layer.submodules.self_attention.submodules.linear_proj),
-        (layers[2].mlp.linear_fc1, spec.mlp_layer.submodules.mlp.submodules.linear_fc1),
-        (layers[2].mlp.linear_fc2, spec.mlp_layer.submodules.mlp.submodules.linear_fc2),
+        (layers[2].mlp.linear_fc1, mlp.linear_fc1),
+        (layers[2].mlp.linear_fc2, mlp.linear_fc2),
         (layers[3].pre_mlp_layernorm, spec.moe_layer.submodules.pre_mlp_layernorm),
-        (cpu_model.decoder.final_norm, te.TENorm),  # MambaStack's hard-wired final norm
+        (cpu_model.decoder.final_norm, te.TENorm),  # the hybrid stack's hard-wired final norm
     ]
     for module, te_cls in slots:
         names = {n for n, _ in module.named_parameters(recurse=False)}
         assert names == TE_PARAMETERS[_te_name(te_cls)], (type(module).__name__, _te_name(te_cls), names)
-    # The Mamba mixer's own parameters are megatron's (not TE's): same in both builds.
-    assert {n for n, _ in layers[0].mixer.named_parameters(recurse=False)} == {"A_log", "D", "dt_bias"}
+    # The Mamba mixer's own parameters are megatron's (not TE's): same in both builds. Under their
+    # checkpoint keys they are the same on both megatron-core versions (0.16.1: an nn.Conv1d
+    # `conv1d.weight`; 0.19.2: the mixer's own `conv1d_weight`, checkpointed as `conv1d.weight`).
+    own = {checkpoint_name(f"mixer.{n}")[len("mixer."):] for n, _ in layers[0].mixer.named_parameters()}
+    assert own == {"A_log", "D", "dt_bias", "conv1d.weight", "conv1d.bias", "norm.weight",
+                   "in_proj.layer_norm_weight", "in_proj.weight", "out_proj.weight"}
+    keys = {v.key for v in layers[0].mixer.sharded_state_dict(prefix="mixer.").values()}
+    assert {"mixer.conv1d.weight", "mixer.conv1d.bias"} <= keys, keys  # (factories: their key)

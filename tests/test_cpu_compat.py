@@ -1,0 +1,75 @@
+"""providers/cpu_compat.py: a patch whose target megatron-core no longer has fails loudly (a
+RuntimeError naming the megatron-core version and the target), and the accommodations that are
+extension points rather than patches are in place on this megatron-core."""
+
+import sys
+import types
+
+import megatron.core
+import pytest
+import torch
+
+from providers import cpu_compat
+
+
+@pytest.fixture(autouse=True)
+def _patched():
+    cpu_compat.apply_cpu_patches()  # e.g. the triton stand-in, before the Mamba mixer is imported
+
+
+def _assert_names_version_and(excinfo, *fragments):
+    message = str(excinfo.value)
+    assert f"megatron-core {megatron.core.__version__}" in message, message
+    for fragment in fragments:
+        assert fragment in message, (fragment, message)
+
+
+def test_a_missing_module_or_attribute_is_an_error():
+    with pytest.raises(RuntimeError) as e:
+        cpu_compat._target("megatron.core.no_such_module")
+    _assert_names_version_and(e, "megatron.core.no_such_module")
+    with pytest.raises(RuntimeError) as e:
+        cpu_compat._target("megatron.core.ssm.mamba_mixer", "MambaMixer", "no_such_name")
+    _assert_names_version_and(e, "megatron.core.ssm.mamba_mixer.no_such_name")
+
+
+def test_a_module_without_a_global_torch_is_an_error(monkeypatch):
+    module = types.ModuleType("megatron_core_stand_in_without_torch")
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    with pytest.raises(RuntimeError) as e:
+        cpu_compat._set_module_torch(module.__name__, cpu_compat._CPU_TORCH)
+    _assert_names_version_and(e, f"{module.__name__}.torch")
+
+
+def test_a_global_the_code_no_longer_uses_is_an_error():
+    from megatron.core.ssm import mamba_mixer
+
+    cpu_compat._require_global_uses(mamba_mixer, ["mamba_chunk_scan_combined"], mamba_mixer.MambaMixer)
+    with pytest.raises(RuntimeError) as e:
+        cpu_compat._require_global_uses(mamba_mixer, ["no_such_kernel"], mamba_mixer.MambaMixer)
+    _assert_names_version_and(e, "megatron.core.ssm.mamba_mixer.no_such_kernel")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU accommodations apply without CUDA only")
+def test_the_cpu_build_uses_extension_points(parallel_state):
+    """The final norm and the causal mask come from the CPU spec's modules, not from patches."""
+    from providers.layer_specs import CpuHybridStack, DotProductAttention
+    from providers.megatron_imports import HybridStack
+    from providers.mamba_provider import MambaModelProvider
+
+    provider = MambaModelProvider(
+        num_layers=2, hybrid_override_pattern="M*", hidden_size=32, num_attention_heads=4, num_query_groups=2,
+        kv_channels=8, mamba_num_heads=4, mamba_head_dim=8, mamba_num_groups=2, mamba_state_dim=8,
+        vocab_size=64, params_dtype=torch.float32)
+    model = provider.provide()
+    assert isinstance(model.decoder, CpuHybridStack) and isinstance(model.decoder, HybridStack)
+    assert isinstance(model.decoder.final_norm, cpu_compat.TorchNorm)
+    attention = model.decoder.layers[1].self_attention.core_attention
+    assert isinstance(attention, DotProductAttention) and attention.scale_mask_softmax.window_size is None
+    tokens = torch.randint(0, 64, (1, 5))
+    logits = model(tokens, torch.arange(5)[None], None)
+    assert logits.shape == (1, 5, 128) and torch.isfinite(logits).all()
+    # causal: the first position does not see the others
+    changed = tokens.clone()
+    changed[0, 1:] = (changed[0, 1:] + 1) % 64
+    assert torch.equal(model(changed, torch.arange(5)[None], None)[0, 0], logits[0, 0])
