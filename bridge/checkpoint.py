@@ -24,6 +24,7 @@ from megatron.core import dist_checkpointing
 from conversion.errors import ConversionError
 from conversion.integrity import META_FORMAT, META_NAME, read_meta  # noqa: F401 - re-exported
 from conversion.safetensors_io import atomic_output_dir
+from providers.megatron_imports import add_common_state_file, common_load_kwargs
 
 TRACKER_NAME = "latest_checkpointed_iteration.txt"
 RELEASE_DIR = "release"
@@ -51,8 +52,9 @@ def save(state: Callable[[], Dict], path: Path, meta: Callable[[], Dict], assets
     dist_checkpointing save strategy (None: megatron-core's default, torch_dist).
 
     Rank 0 creates the hidden temporary sibling and broadcasts its path; every rank writes its
-    shards into it with `dist_checkpointing.save`; rank 0 writes the tracker, bridge_meta.json and
-    the assets; after a barrier (and a check that every rank succeeded) rank 0 renames it into
+    shards into it with `dist_checkpointing.save`; rank 0 writes `common.pt` where megatron-core
+    did not (0.19.2: see `providers.megatron_imports.add_common_state_file`, so that 0.16.1 loads
+    the checkpoint too), the tracker, bridge_meta.json and the assets; after a barrier (and a check that every rank succeeded) rank 0 renames it into
     place. Any failure is raised on every rank and leaves no output directory.
     """
     from bridge.parallel import broadcast_from_rank0
@@ -83,6 +85,7 @@ def save(state: Callable[[], Dict], path: Path, meta: Callable[[], Dict], assets
         if multi:
             broadcast_from_rank0(str(tmp))
             error = capture_error(lambda: dist_checkpointing.save(state(), str(tmp / RELEASE_DIR), sharded_strategy=strategy))
+            error = error or capture_error(lambda: add_common_state_file(tmp / RELEASE_DIR))
             error = error or capture_error(lambda: _write_bridge_files(tmp, meta, assets_dir, is_asset))
             error = first_rank_error(error)
             if error:
@@ -90,6 +93,7 @@ def save(state: Callable[[], Dict], path: Path, meta: Callable[[], Dict], assets
             dist.barrier()
         else:
             dist_checkpointing.save(state(), str(tmp / RELEASE_DIR), sharded_strategy=strategy)
+            add_common_state_file(tmp / RELEASE_DIR)
             _write_bridge_files(tmp, meta, assets_dir, is_asset)
     except BaseException as e:
         context.__exit__(type(e), e, e.__traceback__)
@@ -142,7 +146,9 @@ def load(model, path: Path) -> None:
     from bridge.weights import model_chunks
 
     state = sharded_state(model)
-    loaded = dist_checkpointing.load(state, str(checkpoint_dir(path)))
+    ckpt = str(checkpoint_dir(path))
+    # common_load_kwargs: megatron-core 0.16.1 reads a checkpoint without common.pt (0.19.2's format) too
+    loaded = dist_checkpointing.load(state, ckpt, **common_load_kwargs(ckpt))
     chunks = model_chunks(model)
     for i, chunk in enumerate(chunks):
         key = "model" if len(chunks) == 1 else f"model{i}"

@@ -46,6 +46,10 @@ def _run(main: Callable[[argparse.Namespace], Optional[int]], parser: argparse.A
         warnings.filterwarnings("ignore")
         os.environ.setdefault("PYTHONWARNINGS", "ignore")  # also in dist_checkpointing's workers
         logging.getLogger("megatron").setLevel(logging.ERROR)
+        # megatron-core 0.19.2 imports torch.utils.cpp_extension (tensor_parallel/random.py), which
+        # on a CUDA build of torch without a CUDA runtime logs "No CUDA runtime is found" (0.16.1 does
+        # not import it): noise on stderr, whose only line should be the error.
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     try:
         signal.signal(signal.SIGTERM, _terminate)
     except ValueError:  # not the main thread (called as a library)
@@ -130,7 +134,7 @@ def _import_megatron() -> None:
     torch.compile = lambda model=None, **kwargs: model if model is not None else (lambda fn: fn)
     try:
         import megatron.core.dist_checkpointing  # noqa: F401
-        import megatron.core.models.mamba  # noqa: F401
+        import providers.megatron_imports  # noqa: F401  (the hybrid model and stack of this megatron-core)
     finally:
         torch.compile = compile_
 

@@ -69,6 +69,7 @@ from conversion.omni import SOUND_ENCODER_PREFIX
 from conversion.safetensors_io import OpenFiles, drop_pages, map_bytes, nbytes_of
 from conversion.split import assign
 from conversion.transforms import to_hf
+from providers.megatron_imports import checkpoint_name
 
 DEFAULT_BUDGET = 768 * 1024**2  # bytes of tensors in flight across all threads (the largest runs alone)
 
@@ -198,7 +199,9 @@ class _MetaMathOnCpu(TorchFunctionMode):
 
 def _param_entries(state: Dict) -> Dict[str, object]:
     """state-dict name -> ShardedTensor / ShardedTensorFactory of one model chunk's sharded state
-    (TE `_extra_state` objects carry no weights and are left alone)."""
+    (TE `_extra_state` objects carry no weights and are left alone). The name table's name of a
+    state-dict name is `checkpoint_name(name)` (megatron-core 0.19.2's `mixer.conv1d_weight` is
+    `mixer.conv1d.weight`, its checkpoint key, as in 0.16.1)."""
     return {k: v for k, v in state.items() if isinstance(v, (ShardedTensor, ShardedTensorFactory))}
 
 
@@ -210,8 +213,8 @@ def _pieces(factory: ShardedTensorFactory, data: torch.Tensor):
 # ---------------------------------------------------------------------------- HF -> Megatron
 
 class _Source:
-    """Where one checkpoint chunk comes from: a parameter (state-dict name, its dtype and size in
-    the model) and, for a factory, which of its pieces."""
+    """Where one checkpoint chunk comes from: a parameter (its name-table name, its dtype and size
+    in the model) and, for a factory, which of its pieces."""
 
     def __init__(self, param: str, dtype: torch.dtype, nbytes: int, factory: Optional[ShardedTensorFactory] = None,
                  piece: int = 0):
@@ -223,7 +226,7 @@ def plan_hf_to_megatron(model_state: Dict, rank: int, ranks: int):
     factories into their pieces, in place. Returns ((checkpoint key, global offset) -> source,
     (bytes, chunks) of this rank's share)."""
     entries = _param_entries(model_state)
-    names = sorted(entries)
+    names = sorted(entries, key=checkpoint_name)  # the same order (and shares) on every megatron-core version
     sizes = [nbytes_of(entries[n].data.shape, entries[n].data.dtype) for n in names]
     owners = assign(sizes, ranks)
     sources: Dict[Tuple[str, Tuple[int, ...]], _Source] = {}
@@ -237,10 +240,11 @@ def plan_hf_to_megatron(model_state: Dict, rank: int, ranks: int):
             mine[1] += len(pieces)
         if isinstance(entry, ShardedTensorFactory):
             for i, piece in enumerate(pieces):
-                sources[(piece.key, tuple(piece.global_offset))] = _Source(name, entry.data.dtype, size, entry, i)
+                sources[(piece.key, tuple(piece.global_offset))] = _Source(checkpoint_name(name), entry.data.dtype,
+                                                                           size, entry, i)
             model_state[name] = pieces
         else:
-            sources[(entry.key, tuple(entry.global_offset))] = _Source(name, entry.data.dtype, size)
+            sources[(entry.key, tuple(entry.global_offset))] = _Source(checkpoint_name(name), entry.data.dtype, size)
     return sources, mine
 
 
@@ -650,7 +654,7 @@ def convert_megatron_to_hf(bridge, src: Path, output: Path, overwrite: bool = Fa
     if verified is None and rank == 0:
         verified = integrity.in_background(integrity.verify_megatron_checkpoint, src, meta)
     model = meta_model(bridge, dtype_from_name(meta["params_dtype"]), meta.get("padded_vocab_size"))
-    entries = _param_entries(checkpoint.sharded_state(model)["model"])
+    entries = {checkpoint_name(k): v for k, v in _param_entries(checkpoint.sharded_state(model)["model"]).items()}
     rules = bridge.rules()
     dims = bridge._dims(bridge._language_model(model))
     specs, origins = bridge.hf_specs(), bridge.hf_origins()

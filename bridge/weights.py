@@ -24,6 +24,7 @@ from megatron.core import parallel_state
 from conversion.errors import ConversionError
 from conversion.nemotron_h import canonical_expert_name
 from conversion.transforms import Kind, shard, unshard
+from providers.megatron_imports import checkpoint_name
 
 EXPERT_KINDS = (Kind.EXPERT_COLUMN, Kind.EXPERT_ROW)
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
@@ -44,8 +45,10 @@ def canonical_names(lm: torch.nn.Module) -> Dict[str, torch.Tensor]:
     """canonical megatron name -> this rank's tensor (parameters and persistent buffers).
 
     Local layer indices become global ones (`layer.layer_number - 1`); local expert indices become
-    global ones (EP rank x local experts). Transformer Engine's `_extra_state` entries carry no
-    weights and are skipped.
+    global ones (EP rank x local experts); a state-dict name megatron-core checkpoints under
+    another key (0.19.2's Mamba `mixer.conv1d_weight`, key `mixer.conv1d.weight`) becomes that key
+    (`providers.megatron_imports.checkpoint_name`), so the names are the same on every megatron-core
+    version. Transformer Engine's `_extra_state` entries carry no weights and are skipped.
     """
     out: Dict[str, torch.Tensor] = {}
     num_experts = getattr(lm.config, "num_moe_experts", None) or 0
@@ -54,6 +57,7 @@ def canonical_names(lm: torch.nn.Module) -> Dict[str, torch.Tensor]:
     for name, tensor in lm.state_dict(keep_vars=True).items():
         if name.endswith("_extra_state"):
             continue
+        name = checkpoint_name(name)
         m = _LAYER.match(name)
         if m:
             layer = lm.decoder.layers[int(m[1])]
