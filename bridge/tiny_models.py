@@ -70,10 +70,16 @@ def save_hf_model(model, path: Path, dtype: torch.dtype = torch.float32, max_sha
 # ------------------------------------------------------------------ Nemotron-Omni
 
 IMAGE_TOKEN, VIDEO_TOKEN, AUDIO_TOKEN = 5, 6, 7
+# The released checkpoint's placeholder ids (tests/data/nemotron-3-nano-omni-30b-a3b.config.json: image /
+# video context token, audio token; its bos 1, eos 2 and pad 0 are the tiny text config's already).
+# The video id lies past the vocab: video frames fill the image token.
+RELEASED_IMAGE_TOKEN, RELEASED_VIDEO_TOKEN, RELEASED_AUDIO_TOKEN = 18, 131081, 27
 
 
-def tiny_omni_config(has_sound: bool = True, scheme_text_pattern: str = "M*EM"):
-    """A tiny NemotronH_Omni_Reasoning_V3 config: every tower present, every width small."""
+def tiny_omni_config(has_sound: bool = True, scheme_text_pattern: str = "M*EM", released_token_ids: bool = False):
+    """A tiny NemotronH_Omni_Reasoning_V3 config: every tower present, every width small.
+    `released_token_ids`: the released checkpoint's placeholder ids (18 / 131081 / 27, inside the
+    range random text is drawn from) instead of 5 / 6 / 7."""
     from transformers import NemotronH_Omni_Reasoning_V3_Config
 
     text = tiny_config(pattern=scheme_text_pattern).to_dict()
@@ -83,10 +89,12 @@ def tiny_omni_config(has_sound: bool = True, scheme_text_pattern: str = "M*EM"):
     audio = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, num_mel_bins=16,
                  subsampling_conv_channels=8, projection_hidden_size=48, projection_bias=False,
                  dropout=0.0, activation_dropout=0.0, attention_dropout=0.0, layerdrop=0.0)
+    ids = ((RELEASED_IMAGE_TOKEN, RELEASED_VIDEO_TOKEN, RELEASED_AUDIO_TOKEN) if released_token_ids
+           else (IMAGE_TOKEN, VIDEO_TOKEN, AUDIO_TOKEN))
     return NemotronH_Omni_Reasoning_V3_Config(
         text_config=text, vision_config=vision, audio_config=audio if has_sound else None,
-        vision_hidden_size=32, projector_hidden_size=48, image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN,
-        audio_token_id=AUDIO_TOKEN, video_temporal_patch_size=2)
+        vision_hidden_size=32, projector_hidden_size=48, image_token_id=ids[0], video_token_id=ids[1],
+        audio_token_id=ids[2], video_temporal_patch_size=2)
 
 
 @torch.no_grad()
