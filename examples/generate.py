@@ -2,6 +2,7 @@
 
     python examples/generate.py --hf-path HF_DIR    --prompt-ids 11,22,33 [--max-new-tokens 16]
     python examples/generate.py --mcore-path MCORE_DIR --prompt "Hello" [--image img.npy] [--audio mel.npy]
+    python examples/generate.py --hf-path HF_DIR --prompt-ids 11,22 --video frames.npy   # or clip.mp4
 
 The model is megatron-core's (built by the bridge's provider), loaded from a Hugging Face directory
 (`AutoBridge.from_hf_pretrained` + `load_hf_weights`) or from a Megatron checkpoint written by
@@ -12,13 +13,16 @@ stops after `--max-new-tokens` or at an end-of-sequence id of the checkpoint's
 `generation_config.json` (as transformers' `generate(do_sample=False)` does).
 
 Prompt: `--prompt-ids 1,2,3`, or `--prompt TEXT` encoded with the checkpoint's tokenizer (no chat
-template is applied). Omni checkpoints take `--image FILE` and/or `--audio FILE` (see
+template is applied). Omni checkpoints take `--image FILE`, `--video FILE` and/or `--audio FILE` (see
 `examples/_common.py` for the accepted formats: `.npy`/`.pt` tensors of preprocessed pixel values /
-mel features always; image files with Pillow, WAV files with the standard library, other audio
-files with transformers' `load_audio`, all through the checkpoint's processor config
-(`processor_config.json` or `preprocessor_config.json`)). If the prompt holds no placeholder tokens, the right number
-of image placeholders and then audio placeholders are put in front of it; a prompt that holds them
-must hold exactly as many as the features fill.
+normalised video frames `[frames, 3, H, W]` / mel features always; through the checkpoint's processor
+config (`processor_config.json` or `preprocessor_config.json`): image files with Pillow, uint8 video
+frames `[frames, H, W, 3]` (`.npy`) or video files decoded by transformers' `load_video` (torchcodec,
+PyAV, decord or OpenCV, whichever is installed), WAV files with the standard library, other audio
+files with transformers' `load_audio`). Video frames fill the image token, after the images. If the
+prompt holds no placeholder tokens, the right number of image placeholders (images', then the
+video's) and then audio placeholders are put in front of it; a prompt that holds them must hold
+exactly as many as the features fill.
 
 Output: the decoded text (when there is a tokenizer), then, as the last line, the generated token
 ids (new tokens only), comma-separated.
@@ -27,6 +31,7 @@ ids (new tokens only), comma-separated.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -35,7 +40,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
-    DTYPES, find_file, forward_logits, load_audio, load_image, load_tokenizer, parse_ids, quiet,
+    DTYPES, find_file, forward_logits, load_audio, load_image, load_tokenizer, load_video, parse_ids, quiet,
+    video_token_count,
 )
 
 
@@ -70,6 +76,43 @@ def eos_ids(bridge, dirs) -> set:
     return set(value) if isinstance(value, list) else {value}
 
 
+@contextlib.contextmanager
+def generated_placeholders_as_text(model, ids: torch.Tensor, prompt_len: int, placeholders: set, vocab: int):
+    """The ids to feed the model, in a context where a generated token equal to a placeholder id (the
+    model may emit one) is embedded as the text token it is, as transformers' generate embeds every
+    generated token (only its first forward sees the media). Every step here recomputes the whole
+    sequence, and the Omni model fills every placeholder position with media features; so such a token
+    is fed as another id, and a forward hook on the language model's embedding puts the token's own
+    embedding back in its row."""
+    rows = [i for i in range(prompt_len, ids.shape[1]) if int(ids[0, i]) in placeholders]
+    if not rows:
+        yield ids
+        return
+    from _common import language_model
+
+    fed = ids.clone()
+    fed[0, rows] = next(t for t in range(vocab) if t not in placeholders)
+    embedding, busy = language_model(model).embedding, []
+
+    def hook(module, args, kwargs, output):
+        if busy:  # the call below
+            return output
+        busy.append(True)
+        try:
+            plain = module(input_ids=ids, position_ids=kwargs["position_ids"])  # [seq, batch, hidden]
+        finally:
+            busy.clear()
+        output = output.clone()
+        output[rows, 0] = plain[rows, 0]
+        return output
+
+    handle = embedding.register_forward_hook(hook, with_kwargs=True)
+    try:
+        yield fed
+    finally:
+        handle.remove()
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     src = parser.add_mutually_exclusive_group(required=True)
@@ -79,6 +122,8 @@ def main(argv=None) -> int:
     prompt.add_argument("--prompt-ids", help="prompt token ids, comma-separated")
     prompt.add_argument("--prompt", help="prompt text (needs a tokenizer in the checkpoint directory)")
     parser.add_argument("--image", help="Omni: image (.npy/.pt [3,H,W] normalised pixels, or a file with Pillow)")
+    parser.add_argument("--video", help="Omni: video (.npy/.pt float [frames,3,H,W] normalised frames, uint8 .npy "
+                                        "[frames,H,W,3] frames, or a video file)")
     parser.add_argument("--audio", help="Omni: audio (.npy/.pt [frames, mel_bins] mel features, or an audio file)")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: the checkpoint's dtype")
@@ -94,18 +139,25 @@ def main(argv=None) -> int:
         ids = tokenizer(args.prompt, add_special_tokens=False)["input_ids"]
     else:
         ids = parse_ids(args.prompt_ids)
-    if (args.image or args.audio) and not omni:
-        raise SystemExit("error: --image / --audio need a Nemotron-Omni checkpoint; this one is a text model")
+    if (args.image or args.video or args.audio) and not omni:
+        raise SystemExit("error: --image / --video / --audio need a Nemotron-Omni checkpoint; this one is a text model")
 
     mm, prefix = {}, []
+    if (args.image or args.video) and model.vision_model is None:
+        raise SystemExit("error: this checkpoint has no vision encoder")
     if args.image:
-        if model.vision_model is None:
-            raise SystemExit("error: this checkpoint has no vision encoder")
         image = load_image(args.image, model.vision_model.patch_dim, model.downsample_ratio, dirs)
         count = int(image["image_grid_hw"].prod(-1).sum()) // round(1 / model.downsample_ratio) ** 2
         if model.image_token_index not in ids:
             prefix += [model.image_token_index] * count
         mm.update(image)
+    if args.video:  # the video's frames fill the image token too, after the image's
+        patch, temporal = model.vision_model.patch_dim, model.vision_model.temporal_patch_dim
+        video = load_video(args.video, patch, model.downsample_ratio, temporal, dirs)
+        if model.image_token_index not in ids:
+            prefix += [model.image_token_index] * video_token_count(video["pixel_values_videos"], patch,
+                                                                    model.downsample_ratio, temporal)
+        mm.update(video)
     if args.audio:
         if model.sound_encoder is None:
             raise SystemExit("error: this checkpoint has no sound encoder (has_sound is false)")
@@ -119,10 +171,13 @@ def main(argv=None) -> int:
 
     vocab = bridge.config.text["vocab_size"]
     stop = eos_ids(bridge, dirs)
+    placeholders = {model.image_token_index, model.sound_context_token_id} if omni else set()
+    prompt_len = ids.shape[1]
     new = []
     with torch.no_grad():
         for _ in range(args.max_new_tokens):
-            logits = forward_logits(model, ids, **mm)
+            with generated_placeholders_as_text(model, ids, prompt_len, placeholders, vocab) as fed:
+                logits = forward_logits(model, fed, **mm)
             token = int(logits[0, -1, :vocab].float().argmax())
             new.append(token)
             ids = torch.cat([ids, torch.tensor([[token]])], dim=1)

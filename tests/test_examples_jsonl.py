@@ -11,10 +11,11 @@ offline (no download).
 * The script trains 3 steps on them, and its step-1 loss (global batch 4 = the 4 records, micro-batches
   of 2, so media of two samples are batched and audio features padded) equals the loss of transformers'
   reference model on the same samples.
-* The torch-only image processor of the examples was compared with transformers' torchvision-backed
-  one by hand, outside this suite (torchvision does not import beside this project's CPU torch build,
-  and a test that always skips here would prove nothing): bit-identical on downscaled, upscaled,
-  unresized, RGBA, grayscale and palette images and the released model's default config.
+* The torch-only image processor of the examples (what runs where torchvision is missing: it does not
+  import beside this project's CPU torch build) is bit-identical to transformers' torchvision-backed
+  one on downscaled, upscaled, unresized, RGBA, grayscale and palette images and the released
+  model's default config (`test_image_processor_matches_transformers`: skipped without torchvision,
+  failed instead when BRIDGE_TEST_REQUIRE_TORCHVISION=1, as on CI's leg with torchvision).
 * generate.py's `--image` / `--audio` file loaders give the same inputs as the processor.
 
 Needs Pillow (to write and read the PNG files): a test dependency (`pip install -e ".[test]"`).
@@ -50,7 +51,25 @@ IMAGE_PROCESSOR = {"image_processor_type": "NemotronH_Omni_Reasoning_V3ImageProc
                    "downsample_ratio": 0.5, "min_num_patches": 16, "max_num_patches": 64, "max_model_len": 64,
                    "do_convert_rgb": True, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
                    "image_mean": CLIP_MEAN, "image_std": CLIP_STD, "resample": 3}
+# the fields transformers' NemotronH_Omni_Reasoning_V3VideoProcessor.to_dict writes; 24 patches: 16x24 px frames
+VIDEO_PROCESSOR = {"video_processor_type": "NemotronH_Omni_Reasoning_V3VideoProcessor", "patch_size": 4,
+                   "downsample_ratio": 0.5, "norm_mean": CLIP_MEAN, "norm_std": CLIP_STD, "rescale_factor": 1 / 255,
+                   "return_metadata": False, "video_target_num_patches": 24, "video_maintain_aspect_ratio": True,
+                   "temporal_patch_size": 2}
 RATE = 16000
+
+
+def require_torchvision():
+    """Skip a test that compares with transformers' torchvision-backed processors where torchvision does
+    not import, unless BRIDGE_TEST_REQUIRE_TORCHVISION=1 (CI's leg with torchvision): then it fails."""
+    import os
+
+    from transformers.utils import is_torchvision_available
+
+    if not is_torchvision_available():
+        if os.environ.get("BRIDGE_TEST_REQUIRE_TORCHVISION") == "1":
+            pytest.fail("BRIDGE_TEST_REQUIRE_TORCHVISION=1 but torchvision does not import")
+        pytest.skip("needs torchvision (transformers' own image / video processors)")
 
 
 def byte_level_tokenizer():
@@ -83,8 +102,7 @@ def write_checkpoint(hf_dir: Path) -> None:
                               "sampling_rate": RATE, "hop_length": 160, "n_fft": 512, "win_length": 400,
                               "preemphasis": 0.97, "padding_side": "right", "padding_value": 0.0,
                               "return_attention_mask": True},
-        "video_processor": {"video_processor_type": "NemotronH_Omni_Reasoning_V3VideoProcessor", "patch_size": 4,
-                            "downsample_ratio": 0.5}}, indent=1))
+        "video_processor": VIDEO_PROCESSOR}, indent=1))
 
 
 def write_wav(path: Path, samples: np.ndarray, channels: int = 1, width: int = 2) -> np.ndarray:
@@ -244,6 +262,30 @@ def test_finetune_script_trains_on_the_jsonl_and_starts_at_the_reference_loss(da
             count += float(s["loss_mask"].sum())
     print(f"step 1 loss {loss[1]:.4f}, transformers {total / count:.4f}; step 3 {loss[3]:.4f}")
     assert abs(loss[1] - total / count) < 2e-4, (loss[1], total / count)
+
+
+@pytest.mark.parametrize("config", ["test", "released-defaults"])
+def test_image_processor_matches_transformers(data, config):
+    """`_common.OmniImageProcessor` = transformers' `NemotronH_Omni_Reasoning_V3ImageProcessor`, bit for bit,
+    one image at a time and all in one call (one patch budget for the call)."""
+    require_torchvision()
+    from transformers import NemotronH_Omni_Reasoning_V3ImageProcessor
+
+    from _common import OmniImageProcessor
+
+    fields = {k: v for k, v in IMAGE_PROCESSOR.items() if k != "image_processor_type"}
+    if config == "released-defaults":
+        fields = {}  # patch 16, 1024..13312 patches, CLIP statistics
+    ours, theirs = OmniImageProcessor(**fields), NemotronH_Omni_Reasoning_V3ImageProcessor(**fields)
+    g = np.random.default_rng(5)
+    images = [Image.open(data.media / "cat.png"), Image.open(data.media / "dog.png"),  # RGBA unresized, RGB
+              Image.fromarray(g.integers(0, 256, (90, 50, 3), dtype=np.uint8), "RGB"),  # downscaled
+              Image.fromarray(g.integers(0, 256, (7, 9), dtype=np.uint8), "L"),  # grayscale, upscaled
+              Image.fromarray(g.integers(0, 256, (30, 40), dtype=np.uint8), "L").convert("P")]  # palette
+    for batch in [[im] for im in images] + [images]:
+        a, b = ours(images=batch, return_tensors="pt"), theirs(images=batch, return_tensors="pt")
+        assert torch.equal(a["image_grid_hw"], b["image_grid_hw"])
+        assert a["pixel_values"].dtype == b["pixel_values"].dtype and torch.equal(a["pixel_values"], b["pixel_values"])
 
 
 def test_generate_file_loaders_give_the_processor_inputs(data, samples):
