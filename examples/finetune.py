@@ -21,27 +21,33 @@ megatron-core `dist_checkpointing` (model + optimizer) in Megatron-LM's director
 `--export-hf DIR` writes the trained model as an HF checkpoint (`AutoBridge.save_hf_pretrained`).
 
 Data:
-* `--synthetic`: a small random multimodal dataset (text, image, audio and image+audio samples with
-  the placeholder counts their features fill; `--synthetic-samples` of them, repeated), so the
-  example runs with no files. The loss is taken on the second half of each sequence (the "answer").
+* `--synthetic`: a small random multimodal dataset (text, image, video, image+audio, audio and
+  video+audio samples in turn, with the placeholder counts their features fill; `--synthetic-samples`
+  of them, repeated), so the example runs with no files. Random text avoids every placeholder and
+  special id of the checkpoint (`special_token_ids`). The loss is taken on the second half of each
+  sequence (the "answer").
 * `--data FILE.jsonl`: one conversation per line,
 
       {"messages": [{"role": "user", "content": "<image><so_embedding>What is this?"},
                     {"role": "assistant", "content": "A cat, purring."}],
-       "images": ["media/cat.png"], "audios": ["media/purr.wav"]}
+       "images": ["media/cat.png"], "audios": ["media/purr.wav"], "videos": []}
 
-  with one `<image>` / `<so_embedding>` placeholder per file, in the prompt, in order (file paths
-  relative to the JSONL file). Each is turned into inputs as transformers' processor does for a chat:
-  the tokenizer's chat template renders the text, and the checkpoint's `NemotronH_Omni_Reasoning_V3Processor`
-  (`_common.load_processor`; its image processor needs torchvision, which `_common.OmniImageProcessor`
-  replaces where it is missing) expands each placeholder to its run of image / audio tokens,
-  tokenises, and computes `pixel_values` / `image_grid_hw` (Pillow opens the images) and the Parakeet
-  mel features (WAV files are read with the standard library at the processor's sampling rate,
-  other files with transformers' `load_audio`). The loss covers the last assistant message (the
-  tokens after the prompt rendered with the generation prompt). Needs the tokenizer in HF_DIR (its
-  chat template when it has one) and, for media, the processor config (`processor_config.json`). Checked by
-  `tests/test_examples_jsonl.py`: tokens, placeholder counts, pixels, features and loss mask as
-  expected, and a step-1 loss equal to transformers' model on the same samples.
+  with one `<image>` / `<video>` / `<so_embedding>` placeholder per file, in the prompt, in order (file
+  paths relative to the JSONL file; a record has images or videos, not both). Each is turned into
+  inputs as transformers' processor does for a chat: the tokenizer's chat template renders the text,
+  and the checkpoint's `NemotronH_Omni_Reasoning_V3Processor` (`_common.load_processor`; its image and
+  video processors need torchvision, which `_common.OmniImageProcessor` / `OmniVideoProcessor`
+  replace where it is missing) expands each placeholder to its run of image / audio tokens (a video:
+  one `<img>...</img>` run per tubelet, labelled with its frames), tokenises, and computes
+  `pixel_values` / `image_grid_hw` (Pillow opens the images), `pixel_values_videos` (videos: uint8
+  `.npy` `[frames, H, W, 3]` arrays, or files decoded by transformers' `load_video`; `num_frames`
+  alongside) and the Parakeet mel features (WAV files are read with the standard library at the
+  processor's sampling rate, other files with transformers' `load_audio`). The loss covers the last
+  assistant message (the tokens after the prompt rendered with the generation prompt). Needs the
+  tokenizer in HF_DIR (its chat template when it has one) and, for media, the processor config
+  (`processor_config.json`). Checked by `tests/test_examples_jsonl.py` (images, audio) and
+  `tests/test_examples_video.py` (videos): tokens, placeholder counts, pixels, features and loss
+  mask as expected, and a step-1 loss equal to transformers' model on the same samples.
 
 Freezing: `--freeze-language-model`, `--freeze-vision-model`, `--freeze-vision-projection`,
 `--freeze-sound-encoder`, `--freeze-sound-projection` set the provider's fields of the same names
@@ -197,24 +203,63 @@ def audio_token_count(frames: int, sound_config: dict) -> int:
     return frames
 
 
-def synthetic_samples(provider, vocab: int, args) -> List[dict]:
-    """Random samples of seq_length tokens: text, image, audio, image+audio (in turn). Placeholder
-    runs sit at the start; the loss covers the second half."""
+def special_token_ids(config: dict, hf_path=None, provider=None) -> set:
+    """Every id random text must avoid: the placeholder and special ids of the checkpoint's config
+    (any `*token_id(s)` / `*token_index` field at any depth: image / video / audio placeholders, bos, eos,
+    pad, in transformers' or the release's field names), the provider's placeholder ids, and, when
+    the checkpoint has a tokenizer, its special and added tokens (`<img>`, `</img>`, `<so_start>`, ...)."""
+    ids = set()
+
+    def collect(node):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key.endswith(("token_id", "token_ids", "token_index")):
+                    ids.update(v for v in (value if isinstance(value, (list, tuple)) else [value]) if isinstance(v, int))
+                collect(value)
+        elif isinstance(node, list):
+            for value in node:
+                collect(value)
+
+    collect(config)
+    for field in ("image_token_index", "sound_context_token_id", "img_start_token_id", "img_end_token_id"):
+        if getattr(provider, field, None) is not None:
+            ids.add(getattr(provider, field))
+    if hf_path is not None:
+        from _common import load_tokenizer
+
+        tok = load_tokenizer([hf_path])
+        if tok is not None:
+            ids.update(tok.all_special_ids)
+            ids.update(tok.added_tokens_decoder)
+    return ids
+
+
+def synthetic_samples(provider, vocab: int, args, special=frozenset()) -> List[dict]:
+    """Random samples of seq_length tokens: text, image, video, image+audio, audio, video+audio (in
+    turn). Random text is drawn from [10, vocab) less the `special` ids (`special_token_ids`), so that
+    it holds no placeholder; placeholder runs sit at the start; the loss covers the second half."""
     omni = hasattr(provider, "vision_patch_dim")
     g = torch.Generator().manual_seed(args.seed)
     kinds = ["text"]
     if omni:
-        kinds += ["image"] + (["audio", "image+audio"] if provider.has_sound else [])
+        kinds += ["image", "video"] + (["image+audio", "audio", "video+audio"] if provider.has_sound else [])
+    allowed = torch.tensor([t for t in range(10, vocab) if t not in special])
     samples = []
     for i in range(args.synthetic_samples):
         kind = kinds[i % len(kinds)]
-        tokens = torch.randint(10, vocab, (args.seq_length + 1,), generator=g)
+        tokens = allowed[torch.randint(0, len(allowed), (args.seq_length + 1,), generator=g)]
         sample, prefix = {}, []
+        merge = round(1 / provider.downsample_ratio) if omni else 1
         if "image" in kind:
             p, grid = provider.vision_patch_dim, (4, 4)  # 4x4 patches -> 4 tokens after the 2x2 pixel shuffle
             sample["pixel_values"] = torch.randn(grid[0] * grid[1], 3 * p * p, generator=g)
             sample["image_grid_hw"] = torch.tensor([grid])
-            prefix += [provider.image_token_index] * (grid[0] * grid[1] // round(1 / provider.downsample_ratio) ** 2)
+            prefix += [provider.image_token_index] * (grid[0] * grid[1] // merge**2)
+        if "video" in kind:  # transformers' video format: 2 tubelets of T frames, 4x4 patches -> 2 x 4 tokens
+            p, t, tubelets = provider.vision_patch_dim, getattr(provider, "temporal_patch_dim", 1), 2
+            sample["pixel_values_videos"] = torch.randn(1, tubelets, t * 3, 4 * p, 4 * p, generator=g)
+            sample["num_frames"] = torch.tensor([tubelets * t])
+            prefix += [provider.image_token_index] * (tubelets * 16 // merge**2)
         if "audio" in kind:
             mel = provider.sound_config.get("num_mel_bins", 80)
             frames = 40
@@ -243,7 +288,8 @@ def open_image(path: Path):
 def jsonl_samples(path: str, hf_path: str, args, provider=None) -> List[dict]:
     """Conversations -> samples, the way transformers' processor makes them for a chat (see the module
     docstring). `provider` (when given) is checked against the tokenizer's placeholder ids."""
-    from _common import load_processor, load_tokenizer, read_audio
+    from _common import PROCESSOR_CONFIGS, check_video_processor, find_file, load_processor, load_tokenizer
+    from _common import read_audio, read_video
 
     path = Path(path)
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -251,9 +297,12 @@ def jsonl_samples(path: str, hf_path: str, args, provider=None) -> List[dict]:
     tok = processor.tokenizer if processor is not None else load_tokenizer([hf_path])
     if tok is None:
         raise SystemExit(f"error: --data needs the tokenizer files (tokenizer.json, ...) in {hf_path}")
-    if processor is None and any(r.get("images") or r.get("audios") for r in records):
-        raise SystemExit(f"error: {path} has images / audio clips but {hf_path} has no processor_config.json "
-                         "(image processor, feature extractor)")
+    if processor is None and any(r.get("images") or r.get("audios") or r.get("videos") for r in records):
+        raise SystemExit(f"error: {path} has images / videos / audio clips but {hf_path} has no processor_config.json "
+                         "(image and video processors, feature extractor)")
+    if any(r.get("videos") for r in records):  # norm_mean / norm_std present, tubelets as long as the model's
+        check_video_processor(processor.video_processor, find_file([hf_path], PROCESSOR_CONFIGS),
+                                         getattr(provider, "temporal_patch_dim", None))
     if processor is not None and provider is not None:
         for what, got, want in (("image", processor.image_token_id, getattr(provider, "image_token_index", None)),
                                 ("audio", processor.audio_token_id, getattr(provider, "sound_context_token_id", None))):
@@ -266,14 +315,21 @@ def jsonl_samples(path: str, hf_path: str, args, provider=None) -> List[dict]:
         text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
         return text + ("assistant: " if generation_prompt else "")
 
-    def encode(text, images, clips):
+    def encode(text, images, clips, videos, where):
         # special tokens as the processor's apply_chat_template(tokenize=True) decides: none when the
         # rendered text already starts with the BOS token
         special = not (tok.bos_token and text.startswith(tok.bos_token))
         if processor is None:
             return tok(text, add_special_tokens=special, return_tensors="pt")
-        return processor(text=text, images=images or None, audio=clips or None, add_special_tokens=special,
-                         return_tensors="pt")
+        video_kwargs = {}
+        if videos:  # frames already sampled by read_video, with their metadata (frame labels)
+            video_kwargs = dict(videos=[f for f, _ in videos], video_metadata=[m for _, m in videos],
+                                do_sample_frames=False)
+        try:
+            return processor(text=text, images=images or None, audio=clips or None, add_special_tokens=special,
+                             return_tensors="pt", **video_kwargs)
+        except ValueError as e:  # e.g. the videos of one record do not stack (frame size / tubelet count)
+            raise SystemExit(f"error: {where}: the processor refused it: {e}") from None
 
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     samples = []
@@ -282,25 +338,31 @@ def jsonl_samples(path: str, hf_path: str, args, provider=None) -> List[dict]:
         messages = record["messages"]
         if not messages or messages[-1]["role"] != "assistant":
             raise SystemExit(f"error: {where}: the last message must be the assistant's answer (the loss is on it)")
+        if record.get("images") and record.get("videos"):
+            raise SystemExit(f"error: {where}: images and videos in one record: both fill the image token, and "
+                             "transformers' model takes one or the other per forward; put them in separate records")
         # media paths are relative to the JSONL file
         images = [open_image(path.parent / name) for name in record.get("images") or []]
+        videos = [read_video(path.parent / name, processor.video_processor, name=f"{where}: {path.parent / name}")
+                  for name in record.get("videos") or []]
         clips = [read_audio(path.parent / name, processor.audio_sampling_rate) for name in record.get("audios") or []]
         prompt, full = render(messages[:-1], True), render(messages, False)
         if not full.startswith(prompt):
             raise SystemExit(f"error: {where}: the chat template does not render the prompt as a prefix of the "
                              "whole conversation; cannot tell the answer's tokens")
         if processor is not None:
-            for token, items in ((processor.image_token, images), (processor.audio_token, clips)):
+            for token, items in ((processor.image_token, images), (processor.video_token, videos),
+                                 (processor.audio_token, clips)):
                 if full.count(token) != len(items) or token in full[len(prompt):]:
                     raise SystemExit(f"error: {where}: {len(items)} media file(s) but {full.count(token)} {token} "
                                      "placeholder(s) in the text (each file needs one, in a prompt message)")
-        inputs = encode(full, images, clips)
+        inputs = encode(full, images, clips, videos, where)
         ids = inputs["input_ids"][0]
-        prompt_ids = encode(prompt, images, clips)["input_ids"][0]
+        prompt_ids = encode(prompt, images, clips, videos, where)["input_ids"][0]
         if not torch.equal(ids[:len(prompt_ids)], prompt_ids):
             raise SystemExit(f"error: {where}: the prompt's tokens are not a prefix of the conversation's")
         n = min(ids.shape[0], args.seq_length + 1)
-        if n <= len(prompt_ids) or (n < ids.shape[0] and (images or clips)):
+        if n <= len(prompt_ids) or (n < ids.shape[0] and (images or clips or videos)):
             raise SystemExit(f"error: {where}: {ids.shape[0]} tokens do not fit in --seq-length {args.seq_length} "
                              "(the answer would be cut off, or media placeholders cut)")
         tokens = torch.full((args.seq_length + 1,), pad, dtype=torch.long)
@@ -308,19 +370,36 @@ def jsonl_samples(path: str, hf_path: str, args, provider=None) -> List[dict]:
         loss_mask = torch.zeros(args.seq_length)
         loss_mask[len(prompt_ids) - 1:n - 1] = 1  # the labels of the answer's tokens (and what follows it)
         sample = dict(tokens=tokens[:-1], labels=tokens[1:], loss_mask=loss_mask)
-        for key in ("pixel_values", "image_grid_hw", "input_features", "input_features_mask"):
+        for key in ("pixel_values", "image_grid_hw", "pixel_values_videos", "input_features", "input_features_mask"):
             if key in inputs:
                 sample[key] = inputs[key]
+        if videos:  # the processor keeps only pixel_values_videos; the real frame counts are the sampled frames'
+            sample["num_frames"] = torch.tensor([len(f) for f, _ in videos])
         samples.append(sample)
     return samples
 
 
 def collate(samples: List[dict]) -> dict:
+    """One micro-batch. The model fills the image token with all images' features, then all videos',
+    in batch order: samples with videos go after the others (no sample has both; the loss is a sum over
+    tokens, so the order of the rows does not matter). Videos are stacked into one
+    `[videos, tubelets, T*3, H, W]` tensor, as transformers' processor stacks the videos of one call:
+    they must share their tubelet count and frame size."""
+    samples = sorted(samples, key=lambda s: "pixel_values_videos" in s)  # stable
     batch = {k: torch.stack([s[k] for s in samples]) for k in ("tokens", "labels", "loss_mask")}
     images = [s for s in samples if "pixel_values" in s]
     if images:
         batch["pixel_values"] = torch.cat([s["pixel_values"] for s in images])
         batch["image_grid_hw"] = torch.cat([s["image_grid_hw"] for s in images])
+    videos = [s for s in samples if "pixel_values_videos" in s]
+    if videos:
+        shapes = sorted({tuple(s["pixel_values_videos"].shape[1:]) for s in videos})
+        if len(shapes) > 1:
+            raise SystemExit(f"error: a micro-batch holds videos of different shapes {shapes} ([tubelets, T*3, H, W]); "
+                             "the model takes one stacked video tensor per micro-batch: use --micro-batch-size 1, "
+                             "or videos of one frame count and aspect ratio")
+        batch["pixel_values_videos"] = torch.cat([s["pixel_values_videos"] for s in videos])
+        batch["num_frames"] = torch.cat([s["num_frames"] for s in videos])
     clips = [s for s in samples if "input_features" in s]
     if clips:
         frames = max(s["input_features"].shape[1] for s in clips)
@@ -530,9 +609,13 @@ def main(argv=None) -> int:
                          "context-parallel ranks (providers/omni_model.py)")
     vocab = bridge.config.text["vocab_size"]
     if args.synthetic:
-        samples = synthetic_samples(provider, vocab, args)
+        samples = synthetic_samples(provider, vocab, args, special_token_ids(bridge.config.raw, args.hf_path, provider))
     else:
         samples = jsonl_samples(args.data, args.hf_path, args, provider)
+    if getattr(provider, "video_pruning_rate", 0) > 0 and any("pixel_values_videos" in s for s in samples):
+        raise SystemExit(f"error: {args.hf_path}: video_pruning_rate is {provider.video_pruning_rate}: Efficient Video "
+                         "Sampling drops video tokens inside the model's forward, where the loss mask cannot follow; "
+                         "set video_pruning_rate to 0 in config.json to fine-tune on videos")
     args.resume_found = bool(args.resume and (Path(args.output) / TRACKER).is_file())
     return train(args, bridge, provider, samples, layout)
 

@@ -1,7 +1,9 @@
 """examples/finetune.py, run as a script on a tiny random Omni checkpoint (CPU): the loss falls over 30
 steps, frozen towers stay bit-identical, the --export-hf output loads in transformers, --resume
 continues exactly, and the same command under torchrun (TP=2, PP=2, EP=2; 2 processes) gives the
-single-process losses."""
+single-process losses. The synthetic data (text, image, video, image+audio samples by default) keeps
+every placeholder and special id out of its random text, also on a checkpoint with the released
+placeholder ids (image 18, audio 27, inside the range random text is drawn from)."""
 
 import os
 import re
@@ -15,7 +17,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from bridge.tiny_models import build_hf_omni_model, save_hf_model
+from bridge.tiny_models import (
+    RELEASED_AUDIO_TOKEN, RELEASED_IMAGE_TOKEN, RELEASED_VIDEO_TOKEN, build_hf_omni_model, save_hf_model,
+    tiny_omni_config,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "examples" / "finetune.py"
@@ -147,3 +152,55 @@ def test_jsonl_reader_text_only_with_a_word_level_tokenizer(tmp_path):
     assert sample["tokens"].tolist() == [2, 4, 5, 6, 7, 8, 3, 9, 0, 0, 0, 0]
     assert sample["labels"].tolist() == [4, 5, 6, 7, 8, 3, 9, 0, 0, 0, 0, 0]
     assert [int(t) for t, m in zip(sample["labels"], sample["loss_mask"]) if m] == [9]
+
+
+def test_synthetic_text_avoids_the_released_placeholder_ids(tmp_path):
+    """On a checkpoint with the release's ids the random text used to hold image (18) / audio (27)
+    placeholders, and a step failed (`got 4 feature vectors for 5 placeholder tokens (id 18)` with
+    --seed 1). Now: every sample holds exactly the placeholders its media fill, no special id of the
+    config (bos 1, eos 2, pad 0) or of the tokenizer when there is one, and the script trains."""
+    from types import SimpleNamespace
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from bridge import AutoBridge
+
+    hf = tmp_path / "hf"
+    save_hf_model(build_hf_omni_model(tiny_omni_config(released_token_ids=True), seed=1), hf)
+    sys.path.insert(0, str(REPO / "examples"))
+    import finetune
+
+    bridge = AutoBridge.from_hf_pretrained(hf)
+    provider = bridge.to_megatron_provider()
+    args = SimpleNamespace(seed=1, seq_length=64, synthetic_samples=12)
+    special = finetune.special_token_ids(bridge.config.raw, hf, provider)
+    assert {0, 1, 2, RELEASED_IMAGE_TOKEN, RELEASED_AUDIO_TOKEN, RELEASED_VIDEO_TOKEN} <= special
+    kinds = ["text", "image", "video", "image+audio", "audio", "video+audio"]
+    want = {"text": (0, 0), "image": (4, 0), "video": (8, 0), "image+audio": (4, 5), "audio": (0, 5),
+            "video+audio": (8, 5)}
+
+    def check(samples, avoid):
+        for i, s in enumerate(samples):
+            ids = torch.cat([s["tokens"], s["labels"][-1:]])
+            kind = kinds[i % len(kinds)]
+            assert (int((ids == RELEASED_IMAGE_TOKEN).sum()), int((ids == RELEASED_AUDIO_TOKEN).sum())) == want[kind]
+            text = torch.cat([ids[:1], ids[1 + sum(want[kind]):]])  # around the placeholder run
+            assert not set(text.tolist()) & avoid, (kind, set(text.tolist()) & avoid)
+            assert ("pixel_values_videos" in s) == ("video" in kind) and ("pixel_values" in s) == ("image" in kind)
+
+    check(finetune.synthetic_samples(provider, 300, args, special), special)
+    # a tokenizer in the checkpoint: its special and added tokens are kept out too
+    words = ["<pad>", "<s>", "</s>"] + [f"w{i}" for i in range(3, 300)]
+    words[40], words[41], words[250] = "<img>", "</img>", "<so_start>"
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                            additional_special_tokens=["<img>", "</img>", "<so_start>"]).save_pretrained(str(hf))
+    special = finetune.special_token_ids(bridge.config.raw, hf, provider)
+    assert {40, 41, 250} <= special
+    check(finetune.synthetic_samples(provider, 300, args, special), special)
+
+    out = run(["--hf-path", hf, "--synthetic", "--steps", 2, "--synthetic-samples", 8, "--global-batch-size", 8,
+               "--seed", 1, "--seq-length", 64])
+    assert sorted(losses(out)) == [1, 2]
