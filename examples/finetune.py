@@ -214,7 +214,8 @@ def special_token_ids(config: dict, hf_path=None, provider=None) -> set:
         if isinstance(node, dict):
             for key, value in node.items():
                 if key.endswith(("token_id", "token_ids", "token_index")):
-                    ids.update(v for v in (value if isinstance(value, (list, tuple)) else [value]) if isinstance(v, int))
+                    values = value if isinstance(value, (list, tuple)) else [value]
+                    ids.update(v for v in values if isinstance(v, int))
                 collect(value)
         elif isinstance(node, list):
             for value in node:

@@ -290,8 +290,8 @@ def test_video_samples_with_efficient_video_sampling_are_refused(tmp_path):
     config = tiny_omni_config()
     config.video_pruning_rate = 0.5
     save_hf_model(build_hf_omni_model(config, seed=1), tmp_path / "hf")
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--hf-path", str(tmp_path / "hf"), "--synthetic", "--steps", "1"],
-                          capture_output=True, text=True, env=env(), cwd=REPO, timeout=400)
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--hf-path", str(tmp_path / "hf"), "--synthetic",
+                           "--steps", "1"], capture_output=True, text=True, env=env(), cwd=REPO, timeout=400)
     assert proc.returncode != 0
     line = proc.stderr.strip().splitlines()[-1]
     assert line.startswith(f"error: {tmp_path / 'hf'}: video_pruning_rate is 0.5"), proc.stderr[-2000:]
