@@ -22,6 +22,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
 from conversion.errors import ConversionError
+from conversion.safe_pickle import check_dist_checkpoint
 from conversion.integrity import META_FORMAT, META_NAME, read_meta  # noqa: F401 - re-exported
 from conversion.safetensors_io import atomic_output_dir
 from providers.megatron_imports import add_common_state_file, common_load_kwargs
@@ -146,9 +147,10 @@ def load(model, path: Path) -> None:
     from bridge.weights import model_chunks
 
     state = sharded_state(model)
-    ckpt = str(checkpoint_dir(path))
+    directory = str(checkpoint_dir(path))
+    check_dist_checkpoint(directory)  # every pickle of it read safely before megatron / torch read it
     # common_load_kwargs: megatron-core 0.16.1 reads a checkpoint without common.pt (0.19.2's format) too
-    loaded = dist_checkpointing.load(state, ckpt, **common_load_kwargs(ckpt))
+    loaded = dist_checkpointing.load(state, directory, **common_load_kwargs(directory))
     chunks = model_chunks(model)
     for i, chunk in enumerate(chunks):
         key = "model" if len(chunks) == 1 else f"model{i}"

@@ -40,7 +40,6 @@ import io
 import json
 import math
 import os
-import pickle
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -66,6 +65,7 @@ from conversion import direct_io, integrity
 from conversion.direct_io import PAGE, DirectStream, buffer_address
 from conversion.errors import ConversionError
 from conversion.omni import SOUND_ENCODER_PREFIX
+from conversion.safe_pickle import data_file, load_dcp_metadata
 from conversion.safetensors_io import OpenFiles, drop_pages, map_bytes, nbytes_of
 from conversion.split import assign
 from conversion.transforms import to_hf
@@ -479,24 +479,6 @@ def convert_hf_to_megatron(bridge, output: Path, dtype: Optional[torch.dtype] = 
 
 # ---------------------------------------------------------------------------- Megatron -> HF
 
-class _MetadataUnpickler(pickle.Unpickler):
-    """Unpickles torch.distributed.checkpoint's `.metadata` allowing only its own classes, torch
-    sizes / dtypes / layouts and paths: a hostile checkpoint cannot run code through it."""
-
-    _ALLOWED_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem",
-                        "torch.distributed.checkpoint.planner")
-    _ALLOWED = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
-                ("pathlib", "PurePosixPath"), ("collections", "OrderedDict"), ("builtins", "set"),
-                ("builtins", "frozenset")}
-
-    def find_class(self, module: str, name: str):
-        if module in self._ALLOWED_MODULES or (module, name) in self._ALLOWED:
-            return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
-        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in checkpoint metadata")
-
-
 class _FileWindow(io.RawIOBase):
     """Bytes [start, start + length) of an open file as a seekable read-only file (os.pread), so
     torch.load reads one record straight into its tensor without a copy of the whole record."""
@@ -538,22 +520,13 @@ class DcpReader:
     def __init__(self, ckpt_dir: Path):
         self.dir = Path(ckpt_dir)
         path = self.dir / ".metadata"
+        metadata = load_dcp_metadata(path)  # exact-class allow-list: a hostile pickle runs nothing
         try:
-            with open(path, "rb") as f:
-                metadata = _MetadataUnpickler(f).load()
             self.tensors = metadata.state_dict_metadata
             self.storage = {(index.fqn, tuple(index.offset or ())): info for index, info in metadata.storage_data.items()}
-        except FileNotFoundError:
-            raise ConversionError(f"{path}: missing (expected torch.distributed.checkpoint metadata)") from None
         except Exception as e:  # noqa: BLE001 - any malformed metadata is one error
             raise ConversionError(f"{path}: not valid torch.distributed.checkpoint metadata ({e})") from None
-        self._files = OpenFiles(os.O_RDONLY, self._data_file)
-
-    def _data_file(self, relative_path: str) -> Path:
-        path = (self.dir / relative_path).resolve()
-        if self.dir.resolve() not in path.parents:
-            raise ConversionError(f"{self.dir}/.metadata: data file {relative_path!r} escapes the checkpoint directory")
-        return path
+        self._files = OpenFiles(os.O_RDONLY, lambda relative_path: data_file(self.dir, relative_path))
 
     def close(self) -> None:
         self._files.close()

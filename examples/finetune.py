@@ -531,7 +531,14 @@ def load_checkpoint(chunks, optimizer, output: Path) -> int:
 
     from bridge.weights import model_chunks
 
+    from conversion.errors import ConversionError
+    from conversion.safe_pickle import check_dist_checkpoint
+
     iteration = int((output / TRACKER).read_text().strip())
+    try:  # every pickle of the checkpoint read safely before megatron / torch read it
+        check_dist_checkpoint(output / f"iter_{iteration:07d}")
+    except ConversionError as e:
+        raise SystemExit(f"error: {e}") from None
     loaded = dist_checkpointing.load(_state(chunks, optimizer, iteration, loading=True),
                                      str(output / f"iter_{iteration:07d}"))
     inner = model_chunks(chunks)

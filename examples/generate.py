@@ -60,7 +60,12 @@ def load_model(args):
         bridge.load_hf_weights(model)
         dirs = [Path(args.hf_path)]
     else:
-        model = AutoBridge.load_megatron_model(args.mcore_path, dtype=dtype)
+        from conversion.errors import ConversionError
+
+        try:
+            model = AutoBridge.load_megatron_model(args.mcore_path, dtype=dtype)
+        except ConversionError as e:  # a refused or broken checkpoint: one line
+            raise SystemExit(f"error: {e}") from None
         bridge = AutoBridge.from_megatron_checkpoint(args.mcore_path)
         dirs = [Path(args.mcore_path) / "hf_assets"]
     return model.eval(), bridge, dirs

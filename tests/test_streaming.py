@@ -122,7 +122,7 @@ def test_reader_refuses_metadata_that_would_run_code(omni, tmp_path):
     release = tmp_path / "release"
     shutil.copytree(mcore / "release", release)
     (release / ".metadata").write_bytes(pickle.dumps(Payload()))
-    with pytest.raises(ConversionError, match="not allowed in checkpoint metadata"):
+    with pytest.raises(ConversionError, match="system is not allowed"):
         DcpReader(release)
     assert not marker.exists()
 
