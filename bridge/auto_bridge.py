@@ -13,6 +13,7 @@ from megatron.core import parallel_state
 
 from conversion import hf_config
 from conversion.errors import ConversionError
+from conversion.hf_paths import resolve_hf_path
 from conversion import omni
 from conversion.nemotron_h import Rule, language_model_rules
 from conversion.safetensors_io import (
@@ -49,9 +50,7 @@ class AutoBridge:
                            checkpoint: Optional[HFCheckpoint] = None) -> "AutoBridge":
         """The bridge of a local HF directory; `config` / `checkpoint`: that directory's, already
         loaded and opened (the CLI's preflight reads them before megatron is imported)."""
-        path = Path(path)
-        if not path.exists():
-            raise ConversionError(f"{path}: input path does not exist (expected a local Hugging Face model directory)")
+        path = resolve_hf_path(path)  # a local directory, or a hub id in the hub cache (offline)
         bridge = cls(config or hf_config.load_config(path), hf_dir=path)
         if checkpoint is not None:
             bridge._checkpoint = checkpoint

@@ -105,9 +105,10 @@ def _preflight_hf(args: argparse.Namespace):
     import torch
 
     from conversion import hf_config, preflight
+    from conversion.hf_paths import resolve_hf_path
     from conversion.safetensors_io import HFCheckpoint, check_free_space, check_output_path, dir_bytes
 
-    hf = _input_dir(args.hf_path, "a local Hugging Face model directory")
+    hf = args.hf_path = resolve_hf_path(args.hf_path)  # a local directory, or a hub id in the hub cache
     check_output_path(args.output, args.overwrite, inputs=[hf])
     cfg = hf_config.load_config(hf)
     ckpt = HFCheckpoint(hf)  # headers: truncated / corrupt shards, index, pickle-only directories

@@ -195,12 +195,13 @@ def _load_hf_model(hf_path: Path, kind: str, dtype, device, quiet: bool = True):
 def _preflight(args):
     """Both inputs exist and describe the same model (config, tensor names and shapes); no megatron."""
     from conversion import hf_config, integrity
+    from conversion.hf_paths import resolve_hf_path
     from conversion.safetensors_io import HFCheckpoint
 
-    for path, what in ((args.hf_path, "a Hugging Face model directory"),
-                       (args.mcore_path, "a Megatron checkpoint written by convert-hf-to-mcore")):
-        if not Path(path).is_dir():
-            raise ConversionError(f"{path}: input path does not exist or is not a directory (expected {what})")
+    args.hf_path = resolve_hf_path(args.hf_path, "a Hugging Face model directory")  # or a hub id in the cache
+    if not Path(args.mcore_path).is_dir():
+        raise ConversionError(f"{args.mcore_path}: input path does not exist or is not a directory "
+                              "(expected a Megatron checkpoint written by convert-hf-to-mcore)")
     hf, mcore = Path(args.hf_path), Path(args.mcore_path)
     cfg = hf_config.load_config(hf)
     meta = integrity.read_meta(mcore)

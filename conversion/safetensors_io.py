@@ -33,6 +33,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 import torch
 from conversion.direct_io import PAGE, DirectFile
 from conversion.errors import ConversionError
+from conversion.hf_paths import checkpoint_member
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -62,16 +63,6 @@ def dtype_from_name(name: str) -> torch.dtype:
         return _NAME_TO_TORCH[name]
     except KeyError:
         raise ConversionError(f"unknown dtype {name!r}; expected one of {sorted(_NAME_TO_TORCH)}") from None
-
-
-def _safe_member(root: Path, file_name: str, where: str) -> Path:
-    """Resolve `file_name` inside `root`, refusing names that escape it (`../x`, absolute paths)."""
-    if not isinstance(file_name, str) or not file_name or os.path.isabs(file_name):
-        raise ConversionError(f"{where}: shard name {file_name!r} must be a relative file name inside {root}")
-    path = (root / file_name).resolve()
-    if root.resolve() not in path.parents:
-        raise ConversionError(f"{where}: shard name {file_name!r} escapes the checkpoint directory {root}")
-    return path
 
 
 _ST_ELEMENT_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
@@ -198,7 +189,7 @@ class HFCheckpoint:
             except Exception as e:  # noqa: BLE001 - any malformed index is one error
                 raise ConversionError(f"{index_path}: not a valid safetensors index ({e})") from None
             for name, file_name in weight_map.items():
-                path = _safe_member(self.root, file_name, str(index_path))
+                path = checkpoint_member(self.root, file_name, str(index_path))
                 if not path.is_file():
                     raise ConversionError(f"{index_path}: tensor {name!r} is in shard {file_name!r}, which does not exist")
                 self.weight_map[name] = file_name
