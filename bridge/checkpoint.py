@@ -71,8 +71,10 @@ def save(state: Callable[[], Dict], path: Path, meta: Callable[[], Dict], assets
         error = first_rank_error(error)
         if error:
             raise ConversionError(f"writing the Megatron checkpoint {path} failed: {error}")
-        dist.barrier()  # rank 0 renames after this
-        dist.barrier()  # ... and before this: the checkpoint is in place when save() returns
+        dist.barrier()  # rank 0 renames after this ...
+        published = broadcast_from_rank0(None)  # ... and says how it went: in place when save() returns
+        if published:
+            raise ConversionError(published)
         return
     try:
         context = atomic_output_dir(path, overwrite=overwrite)
@@ -99,9 +101,14 @@ def save(state: Callable[[], Dict], path: Path, meta: Callable[[], Dict], assets
     except BaseException as e:
         context.__exit__(type(e), e, e.__traceback__)
         raise
-    context.__exit__(None, None, None)  # the atomic rename
+    try:
+        context.__exit__(None, None, None)  # the atomic rename
+    except Exception as e:
+        if multi:
+            broadcast_from_rank0(str(e) if isinstance(e, ConversionError) else f"{type(e).__name__}: {e}")
+        raise
     if multi:
-        dist.barrier()
+        broadcast_from_rank0("")
 
 
 def _write_bridge_files(tmp: Path, meta: Callable[[], Dict], assets_dir: Optional[Path], is_asset: Callable[[Path], bool]) -> None:

@@ -41,7 +41,27 @@ def _terminate(signum, frame):  # SIGTERM behaves like Ctrl-C: unwind, remove te
 
 def _run(main: Callable[[argparse.Namespace], Optional[int]], parser: argparse.ArgumentParser,
          argv: Optional[List[str]]) -> int:
-    args = parser.parse_args(argv)
+    try:
+        return _run_main(main, parser.parse_args(argv))
+    finally:
+        _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """Tear the process group down before the interpreter exits. Left to interpreter shutdown,
+    gloo's threads were sometimes destroyed while still joinable under torchrun (the process then
+    aborted with "terminate called without an active exception", exit -6, after a successful run)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    parallel_state = sys.modules.get("megatron.core.parallel_state")
+    if parallel_state is not None:  # megatron holds its subgroups: let go of them first
+        parallel_state.destroy_model_parallel()
+    dist.destroy_process_group()
+
+
+def _run_main(main: Callable[[argparse.Namespace], Optional[int]], args: argparse.Namespace) -> int:
     if not args.debug:  # megatron's import-time and CPU-path warnings are noise for a conversion
         warnings.filterwarnings("ignore")
         os.environ.setdefault("PYTHONWARNINGS", "ignore")  # also in dist_checkpointing's workers

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import ctypes
+import errno
 import json
 import math
 import mmap
@@ -533,8 +534,9 @@ TEST_PAUSE_ENV = "BRIDGE_TEST_PAUSE"        # tests: "POINT:MARKER_FILE" -> at P
 
 
 def pause_for_tests(point: str) -> None:
-    """Test hook for the interruption tests: with BRIDGE_TEST_PAUSE=POINT:FILE, create FILE at POINT
-    and sleep (up to 10 minutes) so that the test can kill or interrupt the process there. Points:
+    """Test hook for the interruption tests: with BRIDGE_TEST_PAUSE=POINT:FILE[:GO], create FILE at
+    POINT and wait (up to 10 minutes, or until the file GO exists) so that the test can kill or
+    interrupt the process there, or run another one meanwhile. Points:
     `before-rename` (the output is complete in its temporary directory) and `mid-export` (the
     export has laid out its safetensors files and written its first tensor). Unset (always, outside tests): does nothing."""
     spec = os.environ.get(TEST_PAUSE_ENV)
@@ -542,8 +544,11 @@ def pause_for_tests(point: str) -> None:
         return
     import time
 
-    Path(spec.split(":", 1)[1]).write_text(str(os.getpid()))
-    time.sleep(600)
+    _, marker, go = (spec.split(":", 2) + [""])[:3]
+    Path(marker).write_text(str(os.getpid()))
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and not (go and Path(go).exists()):  # POINT:MARKER:GO resumes on GO
+        time.sleep(0.05)
 
 
 def _host() -> str:
@@ -658,6 +663,8 @@ def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False):
         if finalizer is not None:
             finalizer(tmp)
         pause_for_tests("before-rename")
+        fsync_tree(tmp)
+        _publish(tmp, path, overwrite, tag)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         for d in created:  # innermost first
@@ -666,10 +673,65 @@ def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False):
             except OSError:
                 break
         raise
-    if path.exists():
-        old = path.with_name(f".{path.name}.old-{tag}")
-        path.rename(old)
-        tmp.rename(path)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(path)
+    _fsync_path(path.parent)
+
+
+def fsync_tree(root: Path) -> None:
+    """Every file and directory under `root` (and `root`) on stable storage: a crash after the
+    rename that publishes it must not leave a checkpoint whose files are partly unwritten."""
+    for directory, _, files in os.walk(root):
+        for name in files:
+            _fsync_path(Path(directory) / name)
+        _fsync_path(Path(directory))
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+_RENAME_EXCHANGE = 2  # renameat2(2) flag: swap the two paths atomically (Linux >= 3.15)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two directories (renameat2 RENAME_EXCHANGE); False where unsupported."""
+    fn = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if fn is None:
+        return False
+    at_fdcwd = -100
+    if fn(at_fdcwd, os.fsencode(str(a)), at_fdcwd, os.fsencode(str(b)), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
+
+
+def _publish(tmp: Path, path: Path, overwrite: bool, tag: str) -> None:
+    """Rename the complete temporary `tmp` to `path`.
+
+    Without `overwrite`: a plain rename(2), which replaces nothing but an empty directory, so of
+    two runs into one output the one that finishes second fails (naming the output) instead of
+    replacing the first one's result. With `overwrite` and an existing output: the two directories
+    are swapped atomically (renameat2 RENAME_EXCHANGE), so at every moment `path` is either the old
+    or the new output; the old one is then removed. Where the file system cannot swap, the old
+    output is first renamed to a hidden `.NAME.old-*` sibling (which survives a crash in between)."""
+    try:
+        os.rename(tmp, path)
+        return
+    except OSError as e:
+        if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            raise
+        if not overwrite:
+            raise ConversionError(f"{path}: another run completed this output while this one was running; "
+                                  "this run's result was discarded (pass --overwrite to replace it)") from None
+    if _exchange(tmp, path):
+        shutil.rmtree(tmp, ignore_errors=True)  # the old output, now at the temporary's name
+        return
+    old = path.with_name(f".{path.name}.old-{tag}")
+    path.rename(old)
+    tmp.rename(path)
+    shutil.rmtree(old, ignore_errors=True)

@@ -13,9 +13,11 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
@@ -266,8 +268,8 @@ def test_index_and_shards_that_disagree(tmp_path, converted):
 
 # ---------------------------------------------------------------------------- interruptions
 
-def _start_paused(cmd, point: str, marker: Path, timeout: float = 240):
-    env = {**os.environ, "BRIDGE_TEST_PAUSE": f"{point}:{marker}"}
+def _start_paused(cmd, point: str, marker: Path, timeout: float = 240, go: Optional[Path] = None):
+    env = {**os.environ, "BRIDGE_TEST_PAUSE": f"{point}:{marker}" + (f":{go}" if go else "")}
     proc = subprocess.Popen([str(BIN / cmd[0]), *map(str, cmd[1:])], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.time() + timeout
@@ -325,6 +327,45 @@ def test_ctrl_c_stops_promptly_and_removes_temporaries(tmp_path, converted):
     assert not out.exists() and hidden_siblings(out) == []
 
 
+def test_two_runs_into_one_output_one_fails_the_other_is_kept(tmp_path, converted):
+    """Run A pauses with its output complete but not yet renamed; run B converts into the same
+    output and finishes; A resumes: it must fail with one line (its result discarded), and the
+    output is B's, whole."""
+    hf, _ = converted
+    out, go = tmp_path / "mcore", tmp_path / "go"
+    first = _start_paused([H2M, "--hf-path", hf, "--output", out, "--quiet"], "before-rename", tmp_path / "m4", go=go)
+    second = run_cli(H2M, "--hf-path", hf, "--output", out, "--quiet")
+    assert second.returncode == 0, second.stderr[-3000:]
+    meta = (out / "bridge_meta.json").read_bytes()
+    go.touch()
+    _, stderr = first.communicate(timeout=120)
+    assert first.returncode == 2, stderr[-3000:]
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0] == (f"error: {out}: another run completed this output while this one was "
+                                            "running; this run's result was discarded (pass --overwrite to replace it)")
+    assert (out / "bridge_meta.json").read_bytes() == meta and hidden_siblings(out) == []
+    back = run_cli(M2H, "--mcore-path", out, "--output", tmp_path / "hf_back", "--quiet")
+    assert back.returncode == 0, back.stderr[-3000:]  # B's checkpoint, whole (checksums verified)
+
+
+def test_overwrite_swaps_the_outputs_atomically(tmp_path):
+    """--overwrite exchanges the new and the old output with one renameat2(RENAME_EXCHANGE): there
+    is no moment without a complete output at the path; the old one is removed afterwards."""
+    from conversion.safetensors_io import _exchange, atomic_output_dir
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    (a / "x").write_text("a"), (b / "y").write_text("b")
+    assert _exchange(a, b)  # the file systems CI runs on support it; elsewhere the fallback renames twice
+    assert (a / "y").read_text() == "b" and (b / "x").read_text() == "a"
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old").write_text("old")
+    with atomic_output_dir(out, overwrite=True) as tmp:
+        (tmp / "new").write_text("new")
+    assert sorted(p.name for p in out.iterdir()) == ["new"] and hidden_siblings(out) == []
+
+
 # ---------------------------------------------------------------------------- pure pieces (in-process)
 
 @pytest.mark.parametrize("kw", [dict(), dict(pattern="EM-*M", num_kv_heads=1, n_routed_experts=6, num_experts_per_tok=3,
@@ -374,3 +415,23 @@ def test_output_checks(tmp_path, monkeypatch):
         with sio.atomic_output_dir(tmp_path / "new" / "deeper" / "out"):
             raise RuntimeError
     assert not (tmp_path / "new").exists()
+
+
+def test_the_cli_leaves_no_process_group_behind(tmp_path, converted):
+    """Both converters tear megatron's groups and the process group down before returning: left to
+    interpreter shutdown, gloo's threads were sometimes destroyed still joinable under torchrun
+    (rank aborted with "terminate called without an active exception", exit -6, after success)."""
+    hf, mc = converted
+    code = f"""
+import torch.distributed as dist
+from bridge.cli import hf_to_mcore_main, mcore_to_hf_main
+assert hf_to_mcore_main(["--hf-path", {str(hf)!r}, "--output", {str(tmp_path / 'm')!r}, "--quiet"]) == 0
+assert not dist.is_initialized()
+from megatron.core import parallel_state
+assert not parallel_state.model_parallel_is_initialized()
+assert mcore_to_hf_main(["--mcore-path", {str(mc)!r}, "--output", {str(tmp_path / 'h')!r}, "--quiet"]) == 0
+assert not dist.is_initialized()
+print("clean")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "clean", r.stderr[-3000:]
