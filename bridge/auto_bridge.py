@@ -199,10 +199,8 @@ class AutoBridge:
         except Exception as e:  # noqa: BLE001 - reshape errors from wrong shapes
             shapes = [tuple(checkpoint.shape(n)) for n in hf_names]
             raise ConversionError(f"{', '.join(hf_names)}: shapes {shapes} do not fit the config ({e})") from None
-        if "layer_scale" in rule.megatron and not torch.all(full == 1):
-            # megatron-core's ViT layer has no layer scale: only an identity one is exact
-            raise ConversionError(f"{hf_names[0]}: RADIO layer scale must be all ones (the Megatron "
-                                  "vision layer has no layer scale); got other values")
+        if omni.LAYER_SCALE.search(hf_names[0]):
+            omni.check_layer_scale(hf_names[0], full)
         return full
 
     def load_hf_weights(self, model) -> None:

@@ -124,7 +124,7 @@ def _preflight_hf(args: argparse.Namespace):
     """Every check of an HF input that needs no megatron and reads no tensor data."""
     import torch
 
-    from conversion import hf_config, preflight
+    from conversion import hf_config, omni, preflight
     from conversion.hf_paths import resolve_hf_path
     from conversion.safetensors_io import HFCheckpoint, check_free_space, check_output_path, dir_bytes
 
@@ -138,6 +138,9 @@ def _preflight_hf(args: argparse.Namespace):
     # here, the encoders' by the AutoBridge name table (its rules need megatron-side code).
     preflight.check_tensors(str(hf), shapes, dtypes, preflight.expected_lm_tensors(cfg.text, cfg.lm_prefix),
                             complete=cfg.kind == "nemotron_h", files=ckpt.weight_map)
+    for name in ckpt.keys():  # values the conversion refuses, while they are cheap to read (tiny vectors)
+        if omni.LAYER_SCALE.search(name):
+            omni.check_layer_scale(name, ckpt.get(name))
     target = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(args.dtype)
     weight_files = set(ckpt.weight_map.values())
     needed = preflight.output_bytes(shapes, dtypes, target) + dir_bytes(hf, keep=lambda p: p.name not in weight_files)

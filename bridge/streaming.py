@@ -258,6 +258,7 @@ class _OnDemandPlanner(MCoreSavePlanner):
         self.make, self.sources, self.budget, self.progress = make, sources, budget, progress
         self._held = threading.local()
         self.place: Callable[[torch.Tensor], None] = lambda tensor: None  # set by the strategy
+        self.failure: Optional[BaseException] = None  # the first tensor that could not be made
 
     def release_held(self) -> None:
         """Free the tensor this thread made last (written by now): called before the thread makes
@@ -292,9 +293,13 @@ class _OnDemandPlanner(MCoreSavePlanner):
             tensor = tensor.reshape(write_item.tensor_data.chunk.sizes)
             if not tensor.is_contiguous() or tensor.untyped_storage().nbytes() != tensor.nbytes:
                 tensor = tensor.clone(memory_format=torch.contiguous_format)  # exactly its own storage
-        except BaseException:
+        except BaseException as e:
             self.budget.release(n)
-            raise
+            # torch's writer threads print and drop their exceptions: keep the first for the strategy
+            if self.failure is None:
+                self.failure = e if isinstance(e, ConversionError) else ConversionError(
+                    f"Megatron checkpoint tensor {key[0]!r}: {type(e).__name__}: {e}")
+            raise self.failure from None
         self._held.item = (tensor, n)
         self.progress.update(tensor.nbytes)
         self.place(tensor)
@@ -428,10 +433,23 @@ class _OnDemandStrategy(TorchDistSaveShardedStrategy):
         writer = FileSystemWriter(str(checkpoint_dir), thread_count=self.thread_count)
         writer.fs = _HashingFileSystem(on_close=self.planner.release_held)
         self.planner.place = writer.fs.place_next
+        default_hook = threading.excepthook
+
+        def hook(args):  # a writer thread's failure is raised below, once, not printed by the thread
+            if args.exc_value is not self.planner.failure:
+                default_hook(args)
+
+        threading.excepthook = hook
         try:
             dcp.save(pyt_state, storage_writer=writer, planner=self.planner)
+        except BaseException:
+            if self.planner.failure is None:
+                raise
         finally:
+            threading.excepthook = default_hook
             self.planner.finish_writing()
+        if self.planner.failure is not None:
+            raise self.planner.failure
         mine = (writer.fs.digests, self.source_sums_of_rank())
         everyone = [mine]
         if world()[1] > 1:

@@ -19,6 +19,8 @@ from __future__ import annotations
 import re
 from typing import Any, Dict, List, Optional
 
+import torch
+
 from conversion.errors import ConversionError
 from conversion.nemotron_h import Rule
 from conversion.transforms import Kind
@@ -52,6 +54,17 @@ PROJECTOR_RULES = {  # megatron module -> HF prefix: RMSNorm, fc1, fc2 (no biase
 SOUND_ENCODER_PREFIX = "sound_encoder.encoder."
 CARRIED = re.compile(r"^vision_model\.radio_model\.(summary_idxs|input_conditioner\.norm_(mean|std)"
                      r"|model\.blocks\.\d+\.layer_scale[12]\.lambda1)$")
+
+
+LAYER_SCALE = re.compile(r"\.layer_scale[12]\.lambda1$")
+
+
+def check_layer_scale(hf_name: str, tensor: torch.Tensor) -> None:
+    """megatron-core's ViT layer has no layer scale: a RADIO layer scale converts exactly only when it
+    is all ones (it is then carried for the round trip); any other value is refused."""
+    if not bool(torch.all(tensor == 1)):
+        raise ConversionError(f"{hf_name}: RADIO layer scale must be all ones (the Megatron vision layer has no "
+                              "layer scale); got other values")
 
 
 def carried_megatron_name(hf_name: str) -> str:

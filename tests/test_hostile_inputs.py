@@ -435,3 +435,45 @@ print("clean")
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.strip() == "clean", r.stderr[-3000:]
+
+
+def test_a_radio_layer_scale_other_than_one_is_refused_before_streaming(tmp_path):
+    """Checked in the preflight (the vectors are tiny): one error line naming the tensor, exit 2,
+    nothing written — before, a writer thread printed ~200 lines and the run exited 0 with the
+    checkpoint written."""
+    from bridge.tiny_models import build_hf_omni_model, save_hf_model, tiny_omni_config
+
+    hf = build_hf_omni_model(tiny_omni_config(has_sound=False), seed=5)
+    with torch.no_grad():
+        hf.vision_model.encoder.layer[1].layer_scale2.lambda1.mul_(1.5)
+    hf_dir = save_hf_model(hf, tmp_path / "hf")
+    proc = run_cli(H2M, "--hf-path", hf_dir, "--output", tmp_path / "out")  # progress bar on: it must not start
+    assert_clean_failure(proc, tmp_path / "out", "vision_model.radio_model.model.blocks.1.layer_scale2.lambda1: "
+                         "RADIO layer scale must be all ones")
+    assert "hf -> megatron" not in proc.stderr  # refused before the streaming started
+
+
+def test_a_failure_inside_a_writer_thread_is_one_error_and_leaves_nothing(tmp_path, converted, capfd):
+    """A tensor that cannot be made while torch's writer threads stream (injected here: what the
+    preflight cannot see, e.g. a source file changed under the run) ends the conversion with a
+    ConversionError naming it, no thread traceback, no output."""
+    from bridge import AutoBridge
+    from bridge import streaming
+    from conversion.errors import ConversionError
+
+    hf, _ = converted
+    bridge = AutoBridge.from_hf_pretrained(hf)
+    real = bridge.megatron_tensor
+
+    def failing(rule, dims):
+        if rule.megatron.endswith("layers.0.mixer.in_proj.weight"):
+            raise OSError(5, "Input/output error")
+        return real(rule, dims)
+
+    bridge.megatron_tensor = failing
+    out = tmp_path / "out"
+    with pytest.raises(ConversionError, match=r"Megatron checkpoint tensor 'decoder\.layers\.0\.mixer\.in_proj\.weight[.a-z]*': "
+                                              r"OSError: \[Errno 5\] Input/output error"):
+        streaming.convert_hf_to_megatron(bridge, out, quiet=True, threads=4)
+    assert "Traceback" not in capfd.readouterr().err
+    assert not out.exists() and hidden_siblings(out) == []
