@@ -28,6 +28,7 @@ too. Both expert modules emit the same dist-checkpoint (sharded) keys.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import replace
 
 import torch
@@ -157,6 +158,34 @@ class CpuHybridStack(HybridStack):
                 config=self.config, hidden_size=self.config.hidden_size, eps=self.config.layernorm_epsilon)
 
 
+@functools.lru_cache(maxsize=None)
+def config_eps_mamba_mixer():
+    """megatron-core's `MambaMixer` whose gated RMSNorm (`mixer.norm`) uses `config.layernorm_epsilon`.
+
+    megatron-core (0.16.1 and 0.19.2) builds that norm with a literal `eps=1e-5`, while transformers'
+    NemotronH uses the config's `layer_norm_epsilon` there as in every other norm: with another eps
+    the logits differed by 0.1 (1e-6) to 2.2 (1e-2). Both norms megatron may build (mamba-ssm's
+    `RMSNorm` and the CPU build's `GatedRMSNorm`) read `self.eps` at every call. Made on first use:
+    on a CPU, importing the mixer needs the CPU accommodations in place."""
+    from megatron.core.ssm.mamba_mixer import MambaMixer
+
+    class ConfigEpsMambaMixer(MambaMixer):
+        def __init__(self, config, *args, **kwargs):
+            super().__init__(config, *args, **kwargs)
+            if getattr(self, "norm", None) is not None:
+                self.norm.eps = config.layernorm_epsilon
+
+    return ConfigEpsMambaMixer
+
+
+def _with_config_eps_mixer(stack_spec):
+    """`stack_spec` with its Mamba layers' mixer made by `config_eps_mamba_mixer()` (shallow copies)."""
+    layer = stack_spec.submodules.mamba_layer
+    mixer = replace(layer.submodules.mixer, module=config_eps_mamba_mixer())
+    layer = replace(layer, submodules=replace(layer.submodules, mixer=mixer))
+    return replace(stack_spec, submodules=replace(stack_spec.submodules, mamba_layer=layer))
+
+
 def _te_stack_spec(moe_grouped_gemm: bool):
     from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
     from megatron.core.models.mamba.mamba_layer_specs import mamba_stack_spec
@@ -167,9 +196,9 @@ def _te_stack_spec(moe_grouped_gemm: bool):
     # left untouched, everything else is shared with it.
     moe_layer = mamba_stack_spec.submodules.moe_layer
     moe_layer = replace(moe_layer, submodules=replace(moe_layer.submodules, mlp=moe))
-    return replace(
+    return _with_config_eps_mixer(replace(
         mamba_stack_spec, submodules=replace(mamba_stack_spec.submodules, moe_layer=moe_layer)
-    )
+    ))
 
 
 def _cpu_stack_spec():
@@ -178,7 +207,7 @@ def _cpu_stack_spec():
     from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
     from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
     from megatron.core.ssm.mamba_layer import MambaLayer, MambaLayerSubmodules
-    from megatron.core.ssm.mamba_mixer import MambaMixer, MambaMixerSubmodules
+    from megatron.core.ssm.mamba_mixer import MambaMixerSubmodules
     from megatron.core.ssm.mlp_layer import MLPLayer
     from megatron.core.tensor_parallel.layers import RowParallelLinear
     from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
@@ -201,7 +230,7 @@ def _cpu_stack_spec():
                 module=MambaLayer,
                 submodules=MambaLayerSubmodules(
                     mixer=ModuleSpec(
-                        module=MambaMixer,
+                        module=config_eps_mamba_mixer(),
                         submodules=MambaMixerSubmodules(
                             in_proj=ln_linear, out_proj=RowParallelLinear
                         ),

@@ -12,6 +12,8 @@ CONFIGS = {
     "gqa": dict(),
     # MQA (one KV head), a different pattern order, experts at a different count
     "mqa": dict(pattern="EM-*M", num_kv_heads=1, n_routed_experts=6, num_experts_per_tok=3, vocab_size=259),
+    # a layer_norm_epsilon other than megatron's literal 1e-5 in the Mamba gated norm (it differed by 2.2)
+    "eps": dict(pattern="M*M-", layer_norm_epsilon=1e-2),
 }
 # 19 and 137: not multiples of the HF chunk (8) nor megatron's (128); 137 spans two megatron chunks.
 SEQ_LENS = (19, 137)
