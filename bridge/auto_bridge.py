@@ -112,8 +112,9 @@ class AutoBridge:
                                   + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
         unexpected = sorted(present - set(expected))
         if unexpected:
-            raise ConversionError(f"{self.hf_dir}: unexpected tensor {unexpected[0]!r} maps to no Megatron parameter"
-                                  + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
+            from conversion.preflight import unexpected_tensor
+
+            raise ConversionError(f"{self.hf_dir}: {unexpected_tensor(unexpected)}")
         ckpt = self._checkpoint
         if ckpt is not None:  # shapes (from config.json) and dtypes of the language model, from the headers
             from conversion import preflight

@@ -77,6 +77,8 @@ SUPPORTED_VALUES = (
     ("attention_bias", False), ("mamba_proj_bias", False), ("use_conv_bias", True), ("conv_kernel", 4),
     ("moe_latent_size", None), ("n_group", 1), ("norm_topk_prob", True), ("num_nextn_predict_layers", 0),
     ("n_shared_experts", 1),
+    # transformers applies it in training; the provider's attention dropout is 0 (the vision tower shares it)
+    ("attention_dropout", 0.0),
 )
 
 OMNI_ARCHITECTURES = ("NemotronH_Nano_Omni_Reasoning_V3", "NemotronH_Omni_Reasoning_V3")

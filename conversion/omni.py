@@ -110,7 +110,9 @@ VISION_FIELDS = (  # (vision_config field, provider field)
     ("max_img_size", "vision_max_img_size"),
     ("layer_norm_eps", "vision_layernorm_epsilon"),
 )
-VISION_SUPPORTED = (("hidden_act", "gelu"), ("use_swiglu_ffn", False), ("qkv_bias", True), ("num_channels", 3))
+VISION_SUPPORTED = (("hidden_act", "gelu"), ("use_swiglu_ffn", False), ("qkv_bias", True), ("num_channels", 3),
+                    # training-time regularisation megatron's ViT layer does not have / is not given
+                    ("drop_path_rate", 0.0), ("attention_probs_dropout_prob", 0.0))
 
 
 def omni_provider_fields(raw: Dict[str, Any], scheme: str, where: str) -> Dict[str, Any]:

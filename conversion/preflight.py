@@ -121,6 +121,16 @@ def checkpoint_dtype(dtypes: Dict[str, torch.dtype]) -> Optional[torch.dtype]:
     return max(counts, key=lambda d: (counts[d], torch.finfo(d).bits))
 
 
+def unexpected_tensor(names: List[str]) -> str:
+    """The refusal of HF tensors that map to no Megatron parameter (the first one named)."""
+    first, more = names[0], (f" (and {len(names) - 1} more)" if len(names) > 1 else "")
+    if first.endswith("lm_head.weight"):  # only unexpected when the embeddings are tied
+        return (f"tensor {first!r} is stored, but config.json says tie_word_embeddings = true (the output layer "
+                "is the embedding, so the Megatron model has no output layer of its own): a tied checkpoint that "
+                f"also stores {first!r} is not supported; drop the tensor, or set tie_word_embeddings = false{more}")
+    return f"unexpected tensor {first!r} maps to no Megatron parameter{more}"
+
+
 def check_tensors(where: str, shapes: Dict[str, Shape], dtypes: Dict[str, torch.dtype],
                   expected: Dict[str, Tuple[Shape, str]], complete: bool = True,
                   files: Optional[Dict[str, str]] = None) -> torch.dtype:
@@ -142,8 +152,7 @@ def check_tensors(where: str, shapes: Dict[str, Shape], dtypes: Dict[str, torch.
     if complete:
         unexpected = [n for n in shapes if n not in expected]
         if unexpected:
-            raise ConversionError(f"{loc(unexpected[0])}: unexpected tensor {unexpected[0]!r} maps to no Megatron parameter"
-                                  + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
+            raise ConversionError(f"{loc(unexpected[0])}: {unexpected_tensor(unexpected)}")
     main = checkpoint_dtype(dtypes)
     for name, dtype in dtypes.items():
         if dtype == torch.int64 and INTEGER_TENSORS.search(name):

@@ -35,9 +35,12 @@ class RadioVisionModel(RADIOViTModel):
 
     def __init__(self, config, layer_spec, *, patch_dim: int, max_img_size: int, class_token_len: int,
                  temporal_patch_dim: int = 1, separate_video_embedder: bool = False):
+        # megatron's RADIO asserts img_h % patch_dim == 0 (img_h/img_w only set its default grid);
+        # its position-embedding grid is max_img_size // patch_dim, as transformers' (e.g. 2048 // 14).
+        img = max_img_size // patch_dim * patch_dim
         super().__init__(
             config, layer_spec, add_class_token=True, class_token_len=class_token_len, patch_dim=patch_dim,
-            img_h=max_img_size, img_w=max_img_size, max_img_h=max_img_size, max_img_w=max_img_size,
+            img_h=img, img_w=img, max_img_h=max_img_size, max_img_w=max_img_size,
             has_cpe=True, embedder_bias=False,
         )
         self.temporal_patch_dim = temporal_patch_dim

@@ -118,6 +118,7 @@ def test_bare_nemotron_h_config_and_old_aliases():
     (lambda t: t.__setitem__("mlp_hidden_act", "gelu"), "'mlp_hidden_act' = 'gelu' is not supported"),
     (lambda t: t.__setitem__("n_routed_experts", "8"), "'n_routed_experts' must be a positive integer"),
     (lambda t: t.__setitem__("architectures", ["LlamaForCausalLM"]) or t.pop("model_type"), "unknown architecture"),
+    (lambda t: t.__setitem__("attention_dropout", 0.1), "'attention_dropout' = 0.1 is not supported"),
 ])
 def test_config_errors_name_the_field(mutate, message):
     text = copy.deepcopy(_released()["llm_config"])
@@ -154,3 +155,24 @@ def test_hf_tensors_are_mapped_copy_on_write(tmp_path):
     fds = len(os.listdir("/proc/self/fd"))
     held = [ckpt.get("b") for _ in range(200)]
     assert len(os.listdir("/proc/self/fd")) == fds and torch.equal(held[-1], tensors["b"])
+
+
+@pytest.mark.parametrize("field", ["drop_path_rate", "attention_probs_dropout_prob"])
+def test_vision_training_regularisation_megatron_does_not_apply_is_refused(field):
+    from conversion.omni import omni_provider_fields
+
+    raw = copy.deepcopy(_released())
+    raw["vision_config"][field] = 0.1
+    with pytest.raises(ConversionError, match=f"vision_config.{field} = 0.1 is not supported"):
+        omni_provider_fields(raw, "released", "config.json")
+
+
+def test_a_tied_checkpoint_that_stores_lm_head_is_refused_naming_tie_word_embeddings(tmp_path):
+    """transformers 5.24 stores lm_head.weight even with tie_word_embeddings = true."""
+    from bridge.tiny_models import build_hf_model, save_hf_model, tiny_config
+    from tests.cli_helpers import assert_clean_failure, run_cli
+
+    hf = save_hf_model(build_hf_model(tiny_config(tie_word_embeddings=True), seed=2), tmp_path / "hf")
+    proc = run_cli("convert-hf-to-mcore", "--hf-path", hf, "--output", tmp_path / "out")
+    assert_clean_failure(proc, tmp_path / "out", "'lm_head.weight' is stored, but config.json says "
+                         "tie_word_embeddings = true")

@@ -237,3 +237,18 @@ def test_radio_layer_scale_other_than_one_is_refused(parallel_state, tmp_path):
     model = bridge.to_megatron_provider().provide()
     with pytest.raises(ConversionError, match=r"blocks\.1\.layer_scale2\.lambda1: RADIO layer scale must be all ones"):
         bridge.load_hf_weights(model)
+
+
+def test_patch_size_that_does_not_divide_max_img_size(parallel_state, tmp_path):
+    """RADIO's position grid is max_img_size // patch_size on both sides (the released ViT-H pairs
+    patch 14 with max_img_size 2048); megatron's RADIO asserted img_h % patch_dim == 0."""
+    config = tiny_omni_config(has_sound=False)
+    config.vision_config.max_img_size = 34  # patch 4: 8 x 8 positions, 34 % 4 = 2
+    hf = build_hf_omni_model(config, seed=7)
+    bridge = AutoBridge.from_hf_pretrained(save_hf_model(hf, tmp_path / "hf"))
+    model = bridge.to_megatron_provider().provide()
+    bridge.load_hf_weights(model)
+    grid = torch.tensor([[4, 6]])
+    pixels = torch.randn(24, 48, generator=torch.Generator().manual_seed(7))
+    ids = _place(_ids(), IMAGE_TOKEN, 6)
+    _check(hf.eval(), model.eval(), ids, "max_img_size 34, patch 4", dict(pixel_values=pixels, image_grid_hw=grid))
