@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import gc
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
@@ -168,6 +169,69 @@ PROBES: Dict[str, List[Probe]] = {
 }
 
 
+# ------------------------------------------------------------------ reference semantics, layer probes
+
+@contextmanager
+def clamp_lifted(model):
+    """transformers' Mamba mixers clamp the time step from below at `time_step_min`
+    (`time_step_limit = (time_step_min, inf)`); megatron-core and mamba-ssm, which the model trains
+    with, do not. Within this block the transformers model computes without the clamp."""
+    mixers = [m for m in model.modules() if isinstance(getattr(m, "time_step_limit", None), tuple)]
+    saved = [m.time_step_limit for m in mixers]
+    for m in mixers:
+        m.time_step_limit = (0.0, float("inf"))
+    try:
+        yield
+    finally:
+        for m, limit in zip(mixers, saved):
+            m.time_step_limit = limit
+
+
+def _hf_layers(model):
+    lm = getattr(model, "language_model", model)
+    inner = getattr(lm, "model", None) or getattr(lm, "backbone")
+    return inner.layers
+
+
+def _megatron_layers(model):
+    return getattr(model, "language_model", model).decoder.layers
+
+
+@contextmanager
+def recorded_layers(layers, seq_first: bool, out: List):
+    """Append (input of layer 0, then every layer's output) as [batch, seq, hidden] fp32 CPU tensors
+    to `out` while the block runs (one forward)."""
+    def as_bsh(t):
+        t = t[0] if isinstance(t, (tuple, list)) else t
+        return (t.transpose(0, 1) if seq_first else t).detach().float().cpu()
+
+    handles = [layers[0].register_forward_pre_hook(lambda m, args, kwargs: out.append(
+        as_bsh(args[0] if args else kwargs.get("hidden_states"))), with_kwargs=True)]
+    handles += [layer.register_forward_hook(lambda m, args, output: out.append(as_bsh(output))) for layer in layers]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def first_divergence(hf_states: List, megatron_states: List, pattern: str, rel_tol: float) -> str:
+    """Where the two models part: the language model's input, or its first layer whose output
+    differs by more than rel_tol * max(1, max|hidden|) — or neither (the final norm / output layer)."""
+    kinds = {"M": "Mamba", "*": "attention", "-": "MLP", "E": "MoE"}
+    for i, (ref, got) in enumerate(zip(hf_states, megatron_states)):
+        if ref.shape != got.shape:
+            return f"layer shapes differ at step {i}: {tuple(got.shape)} vs {tuple(ref.shape)}"
+        err = (got - ref).abs().max().item()
+        if not err <= rel_tol * max(1.0, ref.abs().max().item()):
+            if i == 0:
+                return f"the language model's input (embeddings, and any encoder features in it) already differs " \
+                       f"(max|dhidden| {err:.3e})"
+            kind = kinds.get(pattern[i - 1], "?") if i - 1 < len(pattern) else "?"
+            return f"language-model layer {i - 1} ({kind}) is the first whose output differs (max|dhidden| {err:.3e})"
+    return "every language-model layer agrees: the difference is in the final norm or the output layer"
+
+
 def default_tolerance(dtype_name: str, max_abs_logit: float) -> float:
     return DEFAULT_REL_TOL.get(dtype_name, DEFAULT_REL_TOL["bfloat16"]) * max(1.0, max_abs_logit)
 
@@ -237,7 +301,12 @@ def _verify(args: argparse.Namespace) -> int:
     inputs = {p.modality: p.make_inputs(cfg, args) for p in probes}
 
     hf_model = _load_hf_model(Path(args.hf_path), cfg.kind, dtype, device, quiet=not args.debug)
-    reference = {p.modality: p.hf_logits(hf_model, inputs[p.modality]) for p in probes}
+    shipped, reference, hf_states = {}, {}, {}
+    for p in probes:
+        shipped[p.modality] = p.hf_logits(hf_model, inputs[p.modality])
+        hf_states[p.modality] = []
+        with clamp_lifted(hf_model), recorded_layers(_hf_layers(hf_model), False, hf_states[p.modality]):
+            reference[p.modality] = p.hf_logits(hf_model, inputs[p.modality])
     del hf_model
     gc.collect()
 
@@ -247,30 +316,39 @@ def _verify(args: argparse.Namespace) -> int:
     if isinstance(model, list):
         raise ConversionError("bridge-verify runs one model chunk (no virtual pipeline stages)")
     model.eval()
-    rows, failed = [], []
+    rows, failed, where = [], [], {}
+    rel_tol = DEFAULT_REL_TOL.get(dtype_label, DEFAULT_REL_TOL["bfloat16"])
     for p in probes:
         ref = reference[p.modality]
-        got = p.megatron_logits(model, inputs[p.modality])[..., : ref.shape[-1]]
+        states: List = []
+        with recorded_layers(_megatron_layers(model), True, states):
+            got = p.megatron_logits(model, inputs[p.modality])[..., : ref.shape[-1]]
         if got.shape != ref.shape:
             raise ConversionError(f"{p.modality}: Megatron logits have shape {tuple(got.shape)}, transformers' "
                                   f"{tuple(ref.shape)}")
         err = (got - ref).abs().max().item()
+        err_shipped = (got - shipped[p.modality]).abs().max().item()
         top = ref.abs().max().item()
         tol = args.tol if args.tol is not None else default_tolerance(dtype_label, top)
         ok = err <= tol  # NaN compares False: a NaN fails
         if not ok:
             failed.append(p.modality)
-        rows.append((p.modality, p.describe(inputs[p.modality]), f"{err:.3e}", f"{top:.3f}", f"{tol:.3e}",
-                     "ok" if ok else "FAIL"))
-    header = ("modality", "probe", "max|dlogit|", "max|logit|", "tolerance", "result")
+            where[p.modality] = first_divergence(hf_states[p.modality], states, cfg.text["_pattern"], rel_tol)
+        rows.append((p.modality, p.describe(inputs[p.modality]), f"{err:.3e}", f"{err_shipped:.3e}", f"{top:.3f}",
+                     f"{tol:.3e}", "ok" if ok else "FAIL"))
+    header = ("modality", "probe", "max|dlogit|", "as-shipped", "max|logit|", "tolerance", "result")
     widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
     print(f"bridge-verify: {args.hf_path} (transformers) vs {args.mcore_path} (Megatron), "
           f"checkpoint {meta['params_dtype']}, computed in {dtype_label} on {device.type}, seed {args.seed}")
     for r in [header] + rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    print("max|dlogit|: against transformers without its Mamba time-step clamp (time_step_min), the semantics "
+          "megatron-core trains with; as-shipped: against transformers as released (clamp on), for information")
+    for modality, text in where.items():
+        print(f"{modality}: {text}")
     if failed:
-        print(f"error: max |delta logit| above tolerance for {', '.join(failed)}: the checkpoints differ",
-              file=sys.stderr)
+        print(f"error: max |delta logit| above tolerance for {', '.join(failed)}: the checkpoints differ; "
+              + "; ".join(f"{m}: {where[m]}" for m in failed), file=sys.stderr)
         return EXIT_MISMATCH
     print("ok: every modality within tolerance")
     return 0
