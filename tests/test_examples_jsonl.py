@@ -234,8 +234,6 @@ def test_samples_are_what_the_processor_must_give(data, samples):
 
 
 def test_finetune_script_trains_on_the_jsonl_and_starts_at_the_reference_loss(data, samples):
-    from transformers import NemotronH_Omni_Reasoning_V3
-
     from tests.test_examples_finetune import losses, run
 
     # the sound encoder frozen: it then stays in eval mode, so that its batch norm uses the running
@@ -250,18 +248,27 @@ def test_finetune_script_trains_on_the_jsonl_and_starts_at_the_reference_loss(da
     # Megatron model's vocab is padded (300 -> 384 rows, zero weights, as Megatron-LM pads it) and its
     # loss is over the padded vocab: the reference appends those zero logits (the real checkpoint's
     # vocab, 131072, is a multiple of 128 and is not padded).
-    hf_model = NemotronH_Omni_Reasoning_V3.from_pretrained(str(data.hf), dtype=torch.float32).eval()
+    reference = transformers_loss(data.hf, samples)
+    print(f"step 1 loss {loss[1]:.4f}, transformers {reference:.4f}; step 3 {loss[3]:.4f}")
+    assert abs(loss[1] - reference) < 2e-4, (loss[1], reference)
+
+
+def transformers_loss(hf_dir, samples, not_model_inputs=("tokens", "labels", "loss_mask")) -> float:
+    """The loss-mask-weighted mean cross entropy of transformers' model (fp32, eval) on `samples`, one
+    at a time, over the Megatron model's padded vocab (the padding appended as zero logits)."""
+    from transformers import NemotronH_Omni_Reasoning_V3
+
+    hf_model = NemotronH_Omni_Reasoning_V3.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
     total, count = 0.0, 0.0
     with torch.no_grad():
         for s in samples.list:
-            media = {k: v for k, v in s.items() if k not in ("tokens", "labels", "loss_mask")}
+            media = {k: v for k, v in s.items() if k not in not_model_inputs}
             logits = hf_model(input_ids=s["tokens"][None], use_cache=False, **media).logits[0].float()
             logits = torch.nn.functional.pad(logits, (0, samples.padded_vocab - logits.shape[-1]))
             per_token = torch.nn.functional.cross_entropy(logits, s["labels"], reduction="none")
             total += float((per_token * s["loss_mask"]).sum())
             count += float(s["loss_mask"].sum())
-    print(f"step 1 loss {loss[1]:.4f}, transformers {total / count:.4f}; step 3 {loss[3]:.4f}")
-    assert abs(loss[1] - total / count) < 2e-4, (loss[1], total / count)
+    return total / count
 
 
 @pytest.mark.parametrize("config", ["test", "released-defaults"])

@@ -34,8 +34,8 @@ import torch
 
 from bridge.tiny_models import AUDIO_TOKEN, IMAGE_TOKEN, build_hf_omni_model, save_hf_model, tiny_omni_config
 from tests.test_examples_jsonl import (
-    CLIP_MEAN, CLIP_STD, SPECIAL, VIDEO_PROCESSOR, audio_tokens, ids, require_torchvision, write_checkpoint,
-    write_wav,
+    CLIP_MEAN, CLIP_STD, SPECIAL, VIDEO_PROCESSOR, audio_tokens, ids, require_torchvision, transformers_loss,
+    write_checkpoint, write_wav,
 )
 
 from PIL import Image
@@ -219,8 +219,6 @@ def test_generate_video_loader_gives_the_processor_inputs(data, samples):
 
 
 def test_finetune_script_on_videos_starts_at_the_reference_loss(data, samples):
-    from transformers import NemotronH_Omni_Reasoning_V3
-
     from tests.test_examples_finetune import losses, run
 
     # micro-batches of 2: [video, image] (the image sample goes first: the model fills the image token
@@ -233,18 +231,9 @@ def test_finetune_script_on_videos_starts_at_the_reference_loss(data, samples):
 
     # step 1 = transformers' model on the same samples, one at a time (its forward takes no num_frames;
     # the Megatron model's vocab padding appended as zero logits, see test_examples_jsonl.py)
-    hf_model = NemotronH_Omni_Reasoning_V3.from_pretrained(str(data.hf), dtype=torch.float32).eval()
-    total, count = 0.0, 0.0
-    with torch.no_grad():
-        for s in samples.list:
-            media = {k: v for k, v in s.items() if k not in ("tokens", "labels", "loss_mask", "num_frames")}
-            logits = hf_model(input_ids=s["tokens"][None], use_cache=False, **media).logits[0].float()
-            logits = torch.nn.functional.pad(logits, (0, samples.padded_vocab - logits.shape[-1]))
-            per_token = torch.nn.functional.cross_entropy(logits, s["labels"], reduction="none")
-            total += float((per_token * s["loss_mask"]).sum())
-            count += float(s["loss_mask"].sum())
-    print(f"step 1 loss {loss[1]:.4f}, transformers {total / count:.4f}; step 3 {loss[3]:.4f}")
-    assert abs(loss[1] - total / count) < 2e-4, (loss[1], total / count)
+    reference = transformers_loss(data.hf, samples, ("tokens", "labels", "loss_mask", "num_frames"))
+    print(f"step 1 loss {loss[1]:.4f}, transformers {reference:.4f}; step 3 {loss[3]:.4f}")
+    assert abs(loss[1] - reference) < 2e-4, (loss[1], reference)
 
 
 @pytest.mark.parametrize("record, message", [
