@@ -22,8 +22,8 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
 from conversion.errors import ConversionError
-from conversion.safe_pickle import check_dist_checkpoint
 from conversion.integrity import META_FORMAT, META_NAME, read_meta  # noqa: F401 - re-exported
+from conversion.safe_pickle import check_dist_checkpoint
 from conversion.safetensors_io import atomic_output_dir
 from providers.megatron_imports import add_common_state_file, common_load_kwargs
 
@@ -55,8 +55,9 @@ def save(state: Callable[[], Dict], path: Path, meta: Callable[[], Dict], assets
     Rank 0 creates the hidden temporary sibling and broadcasts its path; every rank writes its
     shards into it with `dist_checkpointing.save`; rank 0 writes `common.pt` where megatron-core
     did not (0.19.2: see `providers.megatron_imports.add_common_state_file`, so that 0.16.1 loads
-    the checkpoint too), the tracker, bridge_meta.json and the assets; after a barrier (and a check that every rank succeeded) rank 0 renames it into
-    place. Any failure is raised on every rank and leaves no output directory.
+    the checkpoint too), the tracker, bridge_meta.json and the assets; after a barrier (and a check
+    that every rank succeeded) rank 0 renames it into place and tells every rank how that went. Any
+    failure is raised on every rank and leaves no output directory.
     """
     from bridge.parallel import broadcast_from_rank0
 

@@ -252,3 +252,31 @@ def test_patch_size_that_does_not_divide_max_img_size(parallel_state, tmp_path):
     pixels = torch.randn(24, 48, generator=torch.Generator().manual_seed(7))
     ids = _place(_ids(), IMAGE_TOKEN, 6)
     _check(hf.eval(), model.eval(), ids, "max_img_size 34, patch 4", dict(pixel_values=pixels, image_grid_hw=grid))
+
+
+def test_videos_made_by_the_video_processor(omni):
+    """Two uint8 clips (5 and 6 frames) through the Omni video processor — transformers' own where
+    torchvision imports (CI's Python 3.12 leg), else examples/_common.OmniVideoProcessor, its torch-only
+    copy proven bit-identical there (tests/test_examples_video.py) — then through both models."""
+    from transformers.utils import is_torchvision_available
+
+    config = dict(patch_size=4, downsample_ratio=0.5, norm_mean=[0.48145466, 0.4578275, 0.40821073],
+                  norm_std=[0.26862954, 0.26130258, 0.27577711], video_target_num_patches=24,
+                  video_maintain_aspect_ratio=True, temporal_patch_size=2)
+    if is_torchvision_available():
+        from transformers import NemotronH_Omni_Reasoning_V3VideoProcessor as Processor
+    else:
+        from examples._common import OmniVideoProcessor as Processor
+    g = torch.Generator().manual_seed(11)
+    clips = [torch.randint(0, 256, (n, 20, 30, 3), generator=g, dtype=torch.uint8).numpy() for n in (6, 6)]
+    clips[1] = clips[1][:5]  # an odd frame count: the processor fills the last tubelet
+    out = Processor(**config)(videos=clips, return_tensors="pt")
+    videos = out["pixel_values_videos"]
+    assert videos.dim() == 5 and videos.shape[:3] == (2, 3, 6) and list(out["num_frames"]) == [6, 5]
+    hf, model, _ = omni
+    tokens = videos.shape[-2] // 4 * videos.shape[-1] // 4 // 4  # per tubelet, after the 2x2 pixel shuffle
+    ids = _video_ids(hf, 2 * 3 * tokens)
+    with torch.no_grad():
+        ref = hf(input_ids=ids, pixel_values_videos=videos, use_cache=False).logits
+    _check(hf, model, ids, f"processor videos {tuple(videos.shape)}",
+           mg_kwargs=dict(pixel_values_videos=videos, num_frames=out["num_frames"]), reference=ref)
