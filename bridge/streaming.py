@@ -430,7 +430,10 @@ class _OnDemandStrategy(TorchDistSaveShardedStrategy):
     def save(self, sharded_state_dict, checkpoint_dir: Path) -> None:
         flat, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, keep_only_main_replica=True)
         pyt_state = mcore_to_pyt_state_dict(flat, False)
-        writer = FileSystemWriter(str(checkpoint_dir), thread_count=self.thread_count)
+        # per_thread_copy_ahead=0: with one thread on a CUDA host torch's writer would otherwise use its
+        # overlapping loader, which resolves tensors ahead of writing them; the planner frees each tensor
+        # when its thread asks for the next one, so tensors must be resolved one at a time, when written.
+        writer = FileSystemWriter(str(checkpoint_dir), thread_count=self.thread_count, per_thread_copy_ahead=0)
         writer.fs = _HashingFileSystem(on_close=self.planner.release_held)
         self.planner.place = writer.fs.place_next
         default_hook = threading.excepthook

@@ -311,3 +311,28 @@ print("m2h", sum(written))
     assert len(files) > 1
     for name in files:
         assert (tmp_path / "hf" / name).read_bytes() == (Path(hf) / name).read_bytes(), name
+
+
+def test_one_thread_on_a_cuda_host_writes_every_tensor_whole(omni, tmp_path, monkeypatch):
+    """torch's DCP writer, with one thread on a host where CUDA is available, would resolve tensors
+    ahead of writing them (its overlapping loader); the planner frees each tensor when the next is
+    asked for, so that must not happen. CUDA is reported present here to the writer alone."""
+    import types
+
+    from torch.distributed.checkpoint import filesystem
+
+    from bridge import AutoBridge
+    from bridge import streaming
+
+    tmp, hf, _ = omni
+
+    class CudaPresent(types.ModuleType):
+        def __getattr__(self, name):
+            return getattr(torch, name)
+
+    reported = CudaPresent("torch")
+    reported.cuda = types.SimpleNamespace(is_available=lambda: True)
+    monkeypatch.setattr(filesystem, "torch", reported)
+    streaming.convert_hf_to_megatron(AutoBridge.from_hf_pretrained(hf), tmp_path / "mcore", quiet=True, threads=1)
+    monkeypatch.undo()
+    assert_cli_export_equals(tmp_path / "mcore", hf, tmp_path / "hf_back")
