@@ -173,20 +173,45 @@ def meta_model(bridge, dtype: torch.dtype, padded_vocab: Optional[int] = None):
 
 
 class _MetaMathOnCpu(TorchFunctionMode):
-    """Element-wise math on meta tensors (megatron's Mamba mixer computes its initial dt_bias and
-    A_log so whatever `perform_initialization` says, RADIO scales its position embedding) gets its
-    result from torch's CPU kernels: the op runs on one-element CPU tensors of the same dtypes and
-    ranks (so torch's own type promotion gives the dtype) and the result is a meta tensor of the
-    broadcast shape. torch evaluates these ops on meta with Python reference kernels, the first of
-    which imports torch._dynamo: 1.5 s of a conversion's start-up, for values a meta tensor does
-    not have. Other functions run unchanged."""
+    """The meta model's build, on every host.
+
+    * Storage: megatron-core allocates some tensors with an explicit
+      `device=torch.cuda.current_device()` (the Mamba mixer's conv / dt_bias / A_log / D / norm, MoE
+      router buffers, linears without `use_cpu_initialization`), which overrides
+      `torch.device("meta")`: on a GPU host the "meta" model would take GPU memory (about 63 GB in
+      bf16 at the released sizes). Every CUDA `device=` argument, and every `.to()` / `.cuda()` of a
+      meta tensor to CUDA, is sent to the meta device instead.
+    * Element-wise math on meta tensors (megatron's Mamba mixer computes its initial dt_bias and
+      A_log whatever `perform_initialization` says, RADIO scales its position embedding) gets its
+      result from torch's CPU kernels: the op runs on one-element CPU tensors of the same dtypes and
+      ranks (so torch's own type promotion gives the dtype) and the result is a meta tensor of the
+      broadcast shape. torch evaluates these ops on meta with Python reference kernels, the first of
+      which imports torch._dynamo: 1.5 s of a conversion's start-up, for values a meta tensor does
+      not have.
+    Other functions run unchanged."""
 
     _NAMES = frozenset({"add", "sub", "mul", "div", "neg", "exp", "expm1", "log", "log1p", "clamp", "sqrt",
                         "rsqrt", "pow", "abs"})  # broadcasting element-wise ops
 
+    @staticmethod
+    def _is_cuda(device) -> bool:
+        if isinstance(device, int):  # torch.cuda.current_device()
+            return True
+        return isinstance(device, (str, torch.device)) and torch.device(device).type == "cuda"
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if getattr(func, "__name__", None) in self._NAMES:
+        if self._is_cuda(kwargs.get("device")):
+            kwargs = {**kwargs, "device": "meta"}
+        name = getattr(func, "__name__", None)
+        if name in ("to", "cuda") and args and isinstance(args[0], torch.Tensor) and args[0].is_meta:
+            target = kwargs.get("device", args[1] if len(args) > 1 and not isinstance(args[1], torch.dtype) else None)
+            dtype = kwargs.get("dtype", next((a for a in args[1:] if isinstance(a, torch.dtype)), args[0].dtype))
+            if isinstance(target, torch.Tensor):  # .to(other): other's device and dtype
+                target, dtype = target.device, target.dtype
+            if name == "cuda" or self._is_cuda(target):
+                return args[0] if dtype == args[0].dtype else torch.empty_like(args[0], dtype=dtype)
+        if name in self._NAMES:
             tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
             if tensors and all(t.is_meta for t in tensors):
                 def tiny(a):

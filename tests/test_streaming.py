@@ -336,3 +336,36 @@ def test_one_thread_on_a_cuda_host_writes_every_tensor_whole(omni, tmp_path, mon
     streaming.convert_hf_to_megatron(AutoBridge.from_hf_pretrained(hf), tmp_path / "mcore", quiet=True, threads=1)
     monkeypatch.undo()
     assert_cli_export_equals(tmp_path / "mcore", hf, tmp_path / "hf_back")
+
+
+META_ON_A_CUDA_HOST = """
+import sys, importlib, torch
+from bridge import AutoBridge
+from bridge.parallel import ensure_parallel_state
+from bridge.streaming import meta_model
+from providers import cpu_compat
+
+ensure_parallel_state()  # gloo, before CUDA is reported
+cpu_compat.apply_cpu_patches()  # the imports and the CPU build (no TE, no mamba-ssm) ...
+cpu = cpu_compat.cpu_config_overrides()
+cpu_compat.cpu_config_overrides = lambda config=None: {k: v for k, v in cpu.items() if config is None or hasattr(config, k)}
+for name in cpu_compat._CUDA_PROXY_MODULES:  # ... but megatron's modules see torch.cuda as it is
+    if not name.endswith("token_dispatcher"):  # (it makes CUDA streams, no storage: a CPU torch cannot)
+        importlib.import_module(name).torch = torch
+torch.cuda.is_available = lambda: True  # CUDA reported present: megatron asks for device 0
+torch.cuda.current_device = lambda: 0
+torch.cuda.device_count = lambda: 1
+model = meta_model(AutoBridge.from_hf_pretrained(sys.argv[1]), torch.bfloat16)
+print(sorted({t.device.type for t in [*model.parameters(), *model.buffers()]}))
+"""
+
+
+def test_the_meta_model_takes_no_storage_where_cuda_is_present(omni):
+    """megatron-core passes device=torch.cuda.current_device() explicitly in places (Mamba mixer,
+    router, linears), which overrode torch.device("meta"): on a GPU node the converters' meta model
+    would have taken GPU memory. Here megatron sees CUDA reported present (a CPU torch: any CUDA
+    allocation raises) and every parameter and buffer must still be on the meta device."""
+    _, hf, _ = omni
+    r = subprocess.run([sys.executable, "-c", META_ON_A_CUDA_HOST, str(hf)], capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert r.returncode == 0 and r.stdout.strip().splitlines()[-1] == "['meta']", r.stderr[-3000:]
