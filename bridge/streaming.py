@@ -163,6 +163,7 @@ def meta_model(bridge, dtype: torch.dtype, padded_vocab: Optional[int] = None):
                               f"depend on the layout); megatron's parallel state is already initialised with {sizes}")
     provider = bridge.to_megatron_provider(dtype=dtype)
     provider.perform_initialization = False
+    provider.init_model_with_meta_device = True  # megatron's own: Transformer Engine modules on "meta"
     if getattr(provider, "has_sound", False):  # the checkpoint's layout needs the names, not transformers
         provider.sound_encoder_structure = {n[len(SOUND_ENCODER_PREFIX):]: m for n, m in bridge.manifest.items()
                                             if n.startswith(SOUND_ENCODER_PREFIX)}
