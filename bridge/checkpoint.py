@@ -73,9 +73,7 @@ def save(state: Callable[[], Dict], path: Path, meta: Callable[[], Dict], assets
         if error:
             raise ConversionError(f"writing the Megatron checkpoint {path} failed: {error}")
         dist.barrier()  # rank 0 renames after this ...
-        published = broadcast_from_rank0(None)  # ... and says how it went: in place when save() returns
-        if published:
-            raise ConversionError(published)
+        on_rank0(None)  # ... and says how it went: in place when save() returns
         return
     try:
         context = atomic_output_dir(path, overwrite=overwrite)
@@ -102,14 +100,7 @@ def save(state: Callable[[], Dict], path: Path, meta: Callable[[], Dict], assets
     except BaseException as e:
         context.__exit__(type(e), e, e.__traceback__)
         raise
-    try:
-        context.__exit__(None, None, None)  # the atomic rename
-    except Exception as e:
-        if multi:
-            broadcast_from_rank0(str(e) if isinstance(e, ConversionError) else f"{type(e).__name__}: {e}")
-        raise
-    if multi:
-        broadcast_from_rank0("")
+    on_rank0(lambda: context.__exit__(None, None, None))  # the atomic rename
 
 
 def _write_bridge_files(tmp: Path, meta: Callable[[], Dict], assets_dir: Optional[Path], is_asset: Callable[[Path], bool]) -> None:
@@ -132,6 +123,25 @@ def capture_error(fn) -> Optional[str]:
         return None
     except Exception as e:  # noqa: BLE001 - reported on every rank by first_rank_error
         return f"rank {dist.get_rank()}: {type(e).__name__}: {e}"
+
+
+def on_rank0(step: Optional[Callable[[], None]]) -> None:
+    """Rank 0 runs `step` (the other ranks pass None) and every rank learns how it went: all return
+    when it succeeded; when it failed, rank 0 raises its own exception and the others a
+    ConversionError with its message. (Without a multi-rank group: just `step()`.)"""
+    from bridge.parallel import broadcast_from_rank0
+
+    if step is None:
+        failure = broadcast_from_rank0(None)
+        if failure:
+            raise ConversionError(f"rank 0: {failure}")
+        return
+    try:
+        step()
+    except BaseException as e:
+        broadcast_from_rank0(str(e) if isinstance(e, ConversionError) else f"{type(e).__name__}: {e}")
+        raise
+    broadcast_from_rank0("")
 
 
 def first_rank_error(error: Optional[str]) -> Optional[str]:

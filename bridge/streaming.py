@@ -731,7 +731,6 @@ def convert_megatron_to_hf(bridge, src: Path, output: Path, overwrite: bool = Fa
         if missing:
             raise ConversionError(f"export did not produce {len(missing)} tensor(s), e.g. {missing[0]!r}")
 
-    agreed = False  # past the point where every rank knows every other rank's share succeeded
     try:
         if ranks == 1:
             convert_share()
@@ -739,32 +738,27 @@ def convert_megatron_to_hf(bridge, src: Path, output: Path, overwrite: bool = Fa
             error = first_rank_error(capture_error(convert_share))
             if error:
                 raise ConversionError(f"writing the Hugging Face checkpoint {output} failed: {error}")
-        agreed = True
-        if rank == 0:
-            bridge._copy_assets(tmp)
-            (tmp / "config.json").write_text(json.dumps(bridge.export_config(model), indent=2) + "\n")
-            writer.write_index()
     except BaseException as e:
         if context is not None:
             context.__exit__(type(e), e, e.__traceback__)
-        if agreed and ranks > 1:  # rank 0 failed alone: the others wait for its word below
-            broadcast_from_rank0(f"{type(e).__name__}: {e}")
         raise
     finally:
         writer.close(fsync=False)  # atomic_output_dir fsyncs every file before the rename
         reader.close()
         progress.close()
-    if context is not None:
+
+    def finish() -> None:  # rank 0: the non-weight files, then the atomic rename
         try:
-            context.__exit__(None, None, None)  # the atomic rename
+            bridge._copy_assets(tmp)
+            (tmp / "config.json").write_text(json.dumps(bridge.export_config(model), indent=2) + "\n")
+            writer.write_index()
         except BaseException as e:
-            if ranks > 1:
-                broadcast_from_rank0(str(e) if isinstance(e, ConversionError) else f"{type(e).__name__}: {e}")
+            context.__exit__(type(e), e, e.__traceback__)
             raise
-    if ranks > 1:  # the output is in place on every rank's return, or every rank fails with rank 0's error
-        failure = broadcast_from_rank0("" if rank == 0 else None)
-        if failure:
-            raise ConversionError(f"rank 0: {failure}")
+        context.__exit__(None, None, None)
+
+    # the output is in place on every rank's return, or every rank fails with rank 0's error
+    checkpoint.on_rank0(finish if rank == 0 else None)
 
 
 def _interleave_files(rules: List, file_and_bytes: Callable) -> List:
