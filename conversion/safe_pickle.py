@@ -64,13 +64,19 @@ class AllowListUnpickler(pickle.Unpickler):
 
 def load_dcp_metadata(path: Path):
     """torch.distributed.checkpoint `Metadata` from a `.metadata` file, through the allow-list."""
+    from torch.distributed.checkpoint.metadata import Metadata
+
     try:
         with open(path, "rb") as f:
-            return AllowListUnpickler(f, DCP_METADATA_GLOBALS).load()
+            metadata = AllowListUnpickler(f, DCP_METADATA_GLOBALS).load()
     except FileNotFoundError:
         raise ConversionError(f"{path}: missing (expected torch.distributed.checkpoint metadata)") from None
     except Exception as e:  # noqa: BLE001 - any refused or malformed pickle is one error
         raise ConversionError(f"{path}: not valid torch.distributed.checkpoint metadata ({e})") from None
+    if not isinstance(metadata, Metadata):  # allowed classes, but not the index (e.g. a bare set)
+        raise ConversionError(f"{path}: not valid torch.distributed.checkpoint metadata "
+                              f"(a {type(metadata).__name__}, not a Metadata)")
+    return metadata
 
 
 def data_file(directory: Path, relative_path: str) -> Path:

@@ -185,6 +185,9 @@ def test_the_unpickler_reads_real_metadata_and_refuses_the_payloads(converted, t
     _, mcore = converted
     check_dist_checkpoint(mcore / "release")  # the real checkpoint passes
     assert load_dcp_metadata(mcore / "release" / ".metadata").state_dict_metadata
+    (tmp_path / "set.metadata").write_bytes(pickle.dumps({1, 2}))  # allowed classes, not a Metadata
+    with pytest.raises(ConversionError, match=r"not valid torch.distributed.checkpoint metadata \(a set, not a Metadata\)"):
+        load_dcp_metadata(tmp_path / "set.metadata")
     for payload in (stack_global_payload, global_payload):
         path = tmp_path / f"{payload.__name__}.metadata"
         path.write_bytes(payload(f"touch {tmp_path / 'ran'}"))
