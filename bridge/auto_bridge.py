@@ -14,13 +14,12 @@ from megatron.core import parallel_state
 from conversion import hf_config
 from conversion.errors import ConversionError
 from conversion.hf_paths import resolve_hf_path
-from conversion import omni
-from conversion.nemotron_h import Rule, language_model_rules
+from conversion import omni, registry
+from conversion.mappings import Dims, Mapping
 from conversion.safetensors_io import (
     INDEX_NAME, PICKLE_NAMES, HFCheckpoint, atomic_output_dir, dtype_from_name, dtype_name, plan_shards,
     write_hf_weights,
 )
-from conversion.transforms import Dims, Kind, to_hf, to_megatron
 from bridge import weights as W
 from bridge.parallel import ensure_parallel_state
 
@@ -43,6 +42,7 @@ class AutoBridge:
         self.assets_dir = assets_dir if assets_dir is not None else hf_dir
         self._checkpoint: Optional[HFCheckpoint] = None
         self._manifest = manifest
+        self._mappings: Optional[List[Mapping]] = None
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -54,7 +54,7 @@ class AutoBridge:
         bridge = cls(config or hf_config.load_config(path), hf_dir=path)
         if checkpoint is not None:
             bridge._checkpoint = checkpoint
-            bridge._check_names(checkpoint.keys())
+            bridge._check_source(checkpoint)
         return bridge
 
     @property
@@ -63,7 +63,7 @@ class AutoBridge:
             if self.hf_dir is None:
                 raise ConversionError("this bridge has no HF weights (it was made from a Megatron checkpoint)")
             self._checkpoint = HFCheckpoint(self.hf_dir)
-            self._check_names(self._checkpoint.keys())
+            self._check_source(self._checkpoint)
         return self._checkpoint
 
     @property
@@ -73,25 +73,14 @@ class AutoBridge:
             self._manifest = self.checkpoint.manifest()
         return self._manifest
 
-    # ------------------------------------------------------------------ tables
-    def rules(self) -> List[Rule]:
-        """Every rule of this model, with full names: HF names as in the files, Megatron names
-        relative to a model chunk (`language_model.` first for the Omni model)."""
-        text = self.config.text
-        rules = language_model_rules(text["_pattern"], text.get("n_routed_experts"),
-                                     bool(text.get("tie_word_embeddings")))
-        if self.config.kind == "nemotron_h":
-            return rules
-        p = self.config.lm_prefix
-        rules = [Rule(p + r.megatron, tuple(p + h for h in r.hf), r.kind, r.layer, r.expert) for r in rules]
-        fields = self.omni_fields()
-        names = list(self.manifest) if self._has_weights() else []
-        carried = [n for n in names if omni.CARRIED.match(n)]
-        rules += omni.omni_rules(fields["vision_num_layers"], fields["separate_video_embedder"],
-                                 fields["has_sound"], carried)
-        if fields["has_sound"]:  # transformers' Parakeet module: same names on both sides
-            rules += [Rule(n, (n,), Kind.REPLICATED) for n in names if n.startswith(omni.SOUND_ENCODER_PREFIX)]
-        return rules
+    # ------------------------------------------------------------------ the registry
+    def mappings(self) -> List[Mapping]:
+        """Every mapping of this model (`conversion.registry`), with full names: HF names as in the
+        files, Megatron names relative to a model chunk (`language_model.` first for the Omni model)."""
+        if self._mappings is None:
+            present = self.manifest if self._has_weights() else None  # decides only the optional tensors
+            self._mappings = registry.mappings(self.config, present)
+        return self._mappings
 
     def omni_fields(self) -> Dict[str, Any]:
         return omni.omni_provider_fields(self.config.raw, self.config.scheme, "config.json")
@@ -100,29 +89,17 @@ class AutoBridge:
         return self._manifest is not None or (self.hf_dir is not None and any(self.hf_dir.glob("*.safetensors")))
 
     def hf_names(self) -> List[str]:
-        return [h for rule in self.rules() for h in rule.hf]
+        return [h for m in self.mappings() for h in m.hf]
 
-    def _check_names(self, names) -> None:
-        """Strictness before any work: every HF tensor maps somewhere, every mapped tensor exists."""
-        expected = self.hf_names()
-        present = set(names)
-        missing = [n for n in expected if n not in present]
-        if missing:
-            raise ConversionError(f"{self.hf_dir}: missing tensor {missing[0]!r}"
-                                  + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-        unexpected = sorted(present - set(expected))
-        if unexpected:
-            from conversion.preflight import unexpected_tensor
+    def _check_source(self, ckpt: HFCheckpoint) -> None:
+        """Strictness before any work: the HF files hold exactly the registry's tensors, with its
+        shapes and dtypes (from the headers)."""
+        from conversion import preflight
 
-            raise ConversionError(f"{self.hf_dir}: {unexpected_tensor(unexpected)}")
-        ckpt = self._checkpoint
-        if ckpt is not None:  # shapes (from config.json) and dtypes of the language model, from the headers
-            from conversion import preflight
-
-            preflight.check_tensors(str(self.hf_dir), {n: ckpt.shape(n) for n in ckpt.keys()},
-                                    {n: ckpt.dtype(n) for n in ckpt.keys()},
-                                    preflight.expected_lm_tensors(self.config.text, self.config.lm_prefix),
-                                    complete=False, files=ckpt.weight_map)
+        names = ckpt.keys()
+        self._mappings = registry.mappings(self.config, names)
+        preflight.check_tensors(str(self.hf_dir), {n: ckpt.shape(n) for n in names}, {n: ckpt.dtype(n) for n in names},
+                                self._mappings, files=ckpt.weight_map)
 
     # ------------------------------------------------------------------ provider
     def default_dtype(self) -> torch.dtype:
@@ -143,13 +120,24 @@ class AutoBridge:
         if self.config.kind == "nemotron_h":
             provider = NemotronHModelProvider(**self.provider_fields())
         else:
-            carried = {n: self.manifest[n] for n in self.manifest if omni.CARRIED.match(n)} if self._has_weights() else {}
             provider = NemotronOmniModelProvider(**self.provider_fields(), **self.omni_fields(),
-                                                 carried_tensors=carried or None)
+                                                 carried_tensors=self._carried_tensors(dtype))
         provider.params_dtype = dtype
         provider.bf16 = dtype == torch.bfloat16
         provider.fp16 = dtype == torch.float16
         return provider
+
+    def _carried_tensors(self, dtype: torch.dtype) -> Dict[str, dict]:
+        """HF name -> {shape, dtype} of the carried tensors (`hf_extras` buffers): the registry's
+        shapes; the source's dtypes when known, else int64 / the model dtype."""
+        manifest = self.manifest if self._has_weights() else {}
+        out = {}
+        for m in self.mappings():
+            if m.megatron.startswith(omni.CARRIED_PREFIX):
+                (name,), ((shape, _),) = m.hf, m.shapes
+                default = "int64" if m.integer else dtype_name(dtype)
+                out[name] = {"shape": list(shape), "dtype": manifest.get(name, {}).get("dtype", default)}
+        return out
 
     # ------------------------------------------------------------------ HF -> megatron
     @staticmethod
@@ -180,40 +168,33 @@ class AutoBridge:
                             if not k.endswith("_extra_state")})
         return out
 
-    def rule_table(self) -> Dict[str, Rule]:
-        """Megatron name -> rule; with tied embeddings the last stage's output layer (megatron's
-        copy of the tied embedding) maps to the embedding's rule."""
-        rules = {r.megatron: r for r in self.rules()}
+    def mapping_table(self) -> Dict[str, Mapping]:
+        """Megatron name -> mapping; with tied embeddings the last stage's output layer (megatron's
+        copy of the tied embedding) maps to the embedding's."""
+        table = {m.megatron: m for m in self.mappings()}
         if self.config.text.get("tie_word_embeddings"):
-            m = "language_model." if self.config.kind != "nemotron_h" else ""
-            rules[m + "output_layer.weight"] = rules[m + "embedding.word_embeddings.weight"]
-        return rules
+            lm = registry.OMNI_LM_PREFIX if self.config.kind != "nemotron_h" else ""
+            table[lm + "output_layer.weight"] = table[lm + "embedding.word_embeddings.weight"]
+        return table
 
-    def megatron_tensor(self, rule: Rule, dims: Dims) -> torch.Tensor:
-        """The full (unsharded) Megatron tensor of `rule`, made from its HF tensor(s)."""
-        checkpoint = self.checkpoint
-        hf_names = list(rule.hf)
-        try:
-            full = to_megatron(rule.kind, [checkpoint.get(n) for n in hf_names], dims)
-        except ConversionError:
-            raise
-        except Exception as e:  # noqa: BLE001 - reshape errors from wrong shapes
-            shapes = [tuple(checkpoint.shape(n)) for n in hf_names]
-            raise ConversionError(f"{', '.join(hf_names)}: shapes {shapes} do not fit the config ({e})") from None
-        if omni.LAYER_SCALE.search(hf_names[0]):
-            omni.check_layer_scale(hf_names[0], full)
+    def megatron_tensor(self, mapping: Mapping, dims: Dims) -> torch.Tensor:
+        """The full (unsharded) Megatron tensor of `mapping`, made from its HF tensor(s) (mapped
+        from the files, no copy unless the kind transforms), their shapes checked against the config."""
+        full = mapping.to_megatron([self.checkpoint.get(n) for n in mapping.hf], dims)
+        if omni.LAYER_SCALE.search(mapping.hf[0]):
+            omni.check_layer_scale(mapping.hf[0], full)
         return full
 
     def load_hf_weights(self, model) -> None:
         """Fill every parameter of `model` (this rank's part) from the HF checkpoint. Strict."""
-        rules = self.rule_table()
+        table = self.mapping_table()
         for chunk in W.model_chunks(model):
             dims = self._dims(self._language_model(chunk))
             for name, tensor in self._chunk_tensors(chunk).items():
-                rule = rules.get(name)
-                if rule is None:
-                    raise ConversionError(f"megatron parameter {name!r} has no HF source in the name table")
-                W.load_into(tensor, rule.kind, self.megatron_tensor(rule, dims), dims, ", ".join(rule.hf))
+                mapping = table.get(name)
+                if mapping is None:
+                    raise ConversionError(f"megatron parameter {name!r} has no HF source in the registry")
+                W.load_into(tensor, mapping.kind, self.megatron_tensor(mapping, dims), dims, ", ".join(mapping.hf))
 
     # ------------------------------------------------------------------ megatron -> HF
     def export_hf_weights(self, model, cast_to_hf_dtype: bool = True,
@@ -235,17 +216,17 @@ class AutoBridge:
         rank = dist.get_rank() if dist.is_initialized() else 0
         receives = to_all_ranks or rank == 0
         manifest = self._manifest_or_none()
-        for rule in self.rules():
-            if rule.megatron not in where:
-                raise ConversionError(f"megatron model has no parameter {rule.megatron!r} to export "
+        for mapping in self.mappings():
+            if mapping.megatron not in where:
+                raise ConversionError(f"megatron model has no parameter {mapping.megatron!r} to export "
                                       "(on any rank)")
-            owner, dtype = where[rule.megatron]
-            tensor = local.get(rule.megatron)
-            full = W.gather_full(tensor, rule.kind, dims) if tensor is not None else None
+            owner, dtype = where[mapping.megatron]
+            tensor = local.get(mapping.megatron)
+            full = W.gather_full(tensor, mapping.kind, dims) if tensor is not None else None
             full = W.move_full_tensor(full, owner, dtype, to_all=to_all_ranks)
             if not receives:
                 continue
-            for name, out in zip(rule.hf, to_hf(rule.kind, full, dims)):
+            for name, out in mapping.to_hf(full, dims):
                 if cast_to_hf_dtype and manifest and name in manifest:
                     out = out.to(dtype_from_name(manifest[name]["dtype"]))
                 yield name, out

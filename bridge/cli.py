@@ -124,7 +124,7 @@ def _preflight_hf(args: argparse.Namespace):
     """Every check of an HF input that needs no megatron and reads no tensor data."""
     import torch
 
-    from conversion import hf_config, omni, preflight
+    from conversion import hf_config, omni, preflight, registry
     from conversion.hf_paths import resolve_hf_path
     from conversion.safetensors_io import HFCheckpoint, check_free_space, check_output_path, dir_bytes
 
@@ -134,10 +134,8 @@ def _preflight_hf(args: argparse.Namespace):
     ckpt = HFCheckpoint(hf)  # headers: truncated / corrupt shards, index, pickle-only directories
     shapes = {n: ckpt.shape(n) for n in ckpt.keys()}
     dtypes = {n: ckpt.dtype(n) for n in ckpt.keys()}
-    # Text-only NemotronH: the expected tensors are the whole model. Omni: the language model's
-    # here, the encoders' by the AutoBridge name table (its rules need megatron-side code).
-    preflight.check_tensors(str(hf), shapes, dtypes, preflight.expected_lm_tensors(cfg.text, cfg.lm_prefix),
-                            complete=cfg.kind == "nemotron_h", files=ckpt.weight_map)
+    # every tensor of the model, its shape from config.json (the registry: conversion/registry.py)
+    preflight.check_tensors(str(hf), shapes, dtypes, registry.mappings(cfg, shapes), files=ckpt.weight_map)
     for name in ckpt.keys():  # values the conversion refuses, while they are cheap to read (tiny vectors)
         if omni.LAYER_SCALE.search(name):
             omni.check_layer_scale(name, ckpt.get(name))

@@ -9,16 +9,16 @@ TP / PP / EP / VPP layout.
 HF -> Megatron (`convert_hf_to_megatron`), the path of one tensor:
   megatron-core `dist_checkpointing.save` -> torch.distributed.checkpoint's FileSystemWriter (one
   file per writer thread) asks `_OnDemandPlanner.resolve_data` for a chunk ->
-  `AutoBridge.megatron_tensor(rule)` maps the HF tensor(s) (no copy) and applies the rule's
-  transform (e.g. q, k, v -> fused QKV) -> for a sharded factory (Mamba in_proj z/x/B/C/dt) the
+  `AutoBridge.megatron_tensor(mapping)` maps the HF tensor(s) (no copy), checks their shapes and
+  applies the mapping's transform (e.g. q, k, v -> fused QKV) -> for a sharded factory (Mamba in_proj z/x/B/C/dt) the
   factory's own build function cuts the piece -> the file system (`_HashingFileSystem`) places the
   record so that its data lands at the page offset of the tensor's memory -> torch.save writes it
   through `DirectStream` (O_DIRECT: a mapped HF tensor goes from the source's page cache to the
   disk without a copy) -> its memory is released before the same thread makes its next tensor.
   Each routed expert is its own chunk, read from its own HF tensor.
-Megatron -> HF (`convert_megatron_to_hf`): for each rule of the name table, `DcpReader` reads the
-regions of the checkpoint that hold the rule's parameter (a factory's pieces are merged by the
-factory's own merge function), `to_hf` splits it into HF tensors and `SafetensorsWriter` writes
+Megatron -> HF (`convert_megatron_to_hf`): for each mapping of the registry, `DcpReader` reads the
+regions of the checkpoint that hold the mapping's parameter (a factory's pieces are merged by the
+factory's own merge function), `Mapping.to_hf` splits it into HF tensors (shapes checked) and `SafetensorsWriter` writes
 each at its offset in the pre-laid-out files (laid out as the source HF files were, so that mapped
 record data and destination share page offsets: O_DIRECT without a copy). Worker threads take different rules, ordered so that
 rules running at the same time write to different files (`_interleave_files`).
@@ -68,7 +68,6 @@ from conversion.omni import SOUND_ENCODER_PREFIX
 from conversion.safe_pickle import data_file, load_dcp_metadata
 from conversion.safetensors_io import OpenFiles, drop_pages, map_bytes, nbytes_of
 from conversion.split import assign
-from conversion.transforms import to_hf
 from providers.megatron_imports import checkpoint_name
 
 DEFAULT_BUDGET = 768 * 1024**2  # bytes of tensors in flight across all threads (the largest runs alone)
@@ -165,8 +164,8 @@ def meta_model(bridge, dtype: torch.dtype, padded_vocab: Optional[int] = None):
     provider.perform_initialization = False
     provider.init_model_with_meta_device = True  # megatron's own: Transformer Engine modules on "meta"
     if getattr(provider, "has_sound", False):  # the checkpoint's layout needs the names, not transformers
-        provider.sound_encoder_structure = {n[len(SOUND_ENCODER_PREFIX):]: m for n, m in bridge.manifest.items()
-                                            if n.startswith(SOUND_ENCODER_PREFIX)}
+        provider.sound_encoder_structure = {m.hf[0][len(SOUND_ENCODER_PREFIX):]: bridge.manifest[m.hf[0]]
+                                            for m in bridge.mappings() if m.hf[0].startswith(SOUND_ENCODER_PREFIX)}
     if padded_vocab:
         provider.padded_vocab = padded_vocab
     with torch.device("meta"), _MetaMathOnCpu():
@@ -229,6 +228,17 @@ def _param_entries(state: Dict) -> Dict[str, object]:
     state-dict name is `checkpoint_name(name)` (megatron-core 0.19.2's `mixer.conv1d_weight` is
     `mixer.conv1d.weight`, its checkpoint key, as in 0.16.1)."""
     return {k: v for k, v in state.items() if isinstance(v, (ShardedTensor, ShardedTensorFactory))}
+
+
+def exact_view(tensor: torch.Tensor, shape: Sequence[int], what: str) -> torch.Tensor:
+    """`tensor` seen as `shape`, which may differ from its own only by leading axes of size 1
+    (megatron's prepended axes, e.g. a routed expert's); any other difference is an error."""
+    have, want = tuple(tensor.shape), tuple(shape)
+    short, long = sorted((have, want), key=len)
+    extra = len(long) - len(short)
+    if long[extra:] != short or any(d != 1 for d in long[:extra]):
+        raise ConversionError(f"{what}: the tensor made has shape {have}, the checkpoint's is {want}")
+    return tensor.view(want)
 
 
 def _pieces(factory: ShardedTensorFactory, data: torch.Tensor):
@@ -316,7 +326,7 @@ class _OnDemandPlanner(MCoreSavePlanner):
             tensor = self.make(source.param, source.dtype)
             if source.factory is not None:
                 tensor = _pieces(source.factory, tensor)[source.piece].data
-            tensor = tensor.reshape(write_item.tensor_data.chunk.sizes)
+            tensor = exact_view(tensor, write_item.tensor_data.chunk.sizes, f"Megatron checkpoint tensor {key[0]!r}")
             if not tensor.is_contiguous() or tensor.untyped_storage().nbytes() != tensor.nbytes:
                 tensor = tensor.clone(memory_format=torch.contiguous_format)  # exactly its own storage
         except BaseException as e:
@@ -503,14 +513,14 @@ def convert_hf_to_megatron(bridge, output: Path, dtype: Optional[torch.dtype] = 
     state = checkpoint.sharded_state(model)
     sources, mine = plan_hf_to_megatron(state["model"], rank, ranks)
     progress = Progress(mine[0], mine[1], "hf -> megatron", quiet or rank != 0)
-    rules = bridge.rule_table()
+    table = bridge.mapping_table()
     dims = bridge._dims(bridge._language_model(model))
 
     def make(param: str, dtype: torch.dtype) -> torch.Tensor:
-        rule = rules.get(param)
-        if rule is None:
-            raise ConversionError(f"megatron parameter {param!r} has no HF source in the name table")
-        return bridge.megatron_tensor(rule, dims).to(dtype)
+        mapping = table.get(param)
+        if mapping is None:
+            raise ConversionError(f"megatron parameter {param!r} has no HF source in the registry")
+        return bridge.megatron_tensor(mapping, dims).to(dtype)
 
     if source_sums is None:  # each rank hashes its share of the source files meanwhile
         source_sums = integrity.share_checksums_in_background(bridge.hf_dir, bridge.source_files(), rank, ranks)
@@ -649,7 +659,7 @@ def _read_entry(reader: DcpReader, entry) -> torch.Tensor:
         loaded = [_read_entry(reader, piece) for piece in _pieces(entry, entry.data)]
         return entry.merge_fn(loaded)
     sizes = (1,) * entry.prepend_axis_num + tuple(entry.local_shape)
-    return reader.read(entry.key, entry.global_offset, sizes).reshape(entry.local_shape)
+    return exact_view(reader.read(entry.key, entry.global_offset, sizes), entry.local_shape, f"{reader.dir}: {entry.key!r}")
 
 
 def convert_megatron_to_hf(bridge, src: Path, output: Path, overwrite: bool = False, quiet: bool = False,
@@ -675,7 +685,7 @@ def convert_megatron_to_hf(bridge, src: Path, output: Path, overwrite: bool = Fa
         verified = integrity.in_background(integrity.verify_megatron_checkpoint, src, meta)
     model = meta_model(bridge, dtype_from_name(meta["params_dtype"]), meta.get("padded_vocab_size"))
     entries = {checkpoint_name(k): v for k, v in _param_entries(checkpoint.sharded_state(model)["model"]).items()}
-    rules = bridge.rules()
+    rules = bridge.mappings()
     dims = bridge._dims(bridge._language_model(model))
     specs, origins = bridge.hf_specs(), bridge.hf_origins()
     sizes = [sum(nbytes_of(specs[h][2], specs[h][1]) for h in r.hf) for r in rules]
@@ -713,7 +723,7 @@ def convert_megatron_to_hf(bridge, src: Path, output: Path, overwrite: bool = Fa
             raise ConversionError(f"megatron model has no parameter {rule.megatron!r} to export")
         with limiter.hold(nbytes_of(entry.data.shape, entry.data.dtype)):
             full = _read_entry(reader, entry)
-            for name, tensor in zip(rule.hf, to_hf(rule.kind, full, dims)):
+            for name, tensor in rule.to_hf(full, dims):
                 writer.write(name, tensor.to(specs[name][1]))
                 progress.update(tensor.nbytes)
 

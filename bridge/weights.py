@@ -1,9 +1,9 @@
 """Moving weights between HF tensors and the parameters of a megatron model on this rank.
 
 The path of one tensor, HF -> Megatron:
-  rule = rules[canonical megatron name]          (conversion/nemotron_h.py: names + Kind)
-  full = transforms.to_megatron(kind, hf tensors) (e.g. q, k, v -> fused QKV; vocab padding)
-  local = transforms.shard(kind, full, rank, size) (this TP / expert-TP rank's slice)
+  mapping = table[canonical megatron name]       (conversion/registry.py: names, shapes, kind)
+  full = mapping.to_megatron(hf tensors)         (shapes checked; e.g. q, k, v -> fused QKV)
+  local = mapping.kind.shard(full, rank, size)   (this TP / expert-TP rank's slice)
   parameter.copy_(local)
 Export runs the same steps backwards, then brings each full tensor to the writing rank: the lowest
 global rank holding it (`owners`: pipeline stage, expert-parallel rank) sends it to rank 0
@@ -23,10 +23,9 @@ from megatron.core import parallel_state
 
 from conversion.errors import ConversionError
 from conversion.nemotron_h import canonical_expert_name
-from conversion.transforms import Kind, shard, unshard
+from conversion.mappings import MappingKind
 from providers.megatron_imports import checkpoint_name
 
-EXPERT_KINDS = (Kind.EXPERT_COLUMN, Kind.EXPERT_ROW)
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
 
 
@@ -66,9 +65,9 @@ def canonical_names(lm: torch.nn.Module) -> Dict[str, torch.Tensor]:
     return out
 
 
-def tp_group_for(kind: Kind):
+def tp_group_for(kind: MappingKind):
     """(rank, size, group) of the tensor-parallel group that shards tensors of this kind."""
-    if kind in EXPERT_KINDS:
+    if kind.group == "etp":
         return (parallel_state.get_expert_tensor_parallel_rank(),
                 parallel_state.get_expert_tensor_parallel_world_size(),
                 parallel_state.get_expert_tensor_parallel_group(check_initialized=False))
@@ -77,10 +76,10 @@ def tp_group_for(kind: Kind):
             parallel_state.get_tensor_model_parallel_group(check_initialized=False))
 
 
-def load_into(tensor: torch.Tensor, kind: Kind, full: torch.Tensor, dims, what: str) -> None:
+def load_into(tensor: torch.Tensor, kind: MappingKind, full: torch.Tensor, dims, what: str) -> None:
     """Copy this rank's slice of the full megatron tensor `full` into `tensor`."""
     rank, size, _ = tp_group_for(kind)
-    local = shard(kind, full, rank, size, dims)
+    local = kind.shard(full, rank, size, dims)
     if tuple(local.shape) != tuple(tensor.shape):
         raise ConversionError(f"{what}: shape {tuple(full.shape)} gives a slice of {tuple(local.shape)} "
                               f"on this rank, but the megatron parameter is {tuple(tensor.shape)}")
@@ -88,14 +87,14 @@ def load_into(tensor: torch.Tensor, kind: Kind, full: torch.Tensor, dims, what: 
         tensor.copy_(local)
 
 
-def gather_full(tensor: torch.Tensor, kind: Kind, dims) -> torch.Tensor:
+def gather_full(tensor: torch.Tensor, kind: MappingKind, dims) -> torch.Tensor:
     """The full megatron tensor from this rank's slice (all-gather over TP / expert-TP)."""
     rank, size, group = tp_group_for(kind)
-    if size == 1 or kind is Kind.REPLICATED:
+    if size == 1 or kind.group is None:
         return tensor.detach()
     shards = [torch.empty_like(tensor) for _ in range(size)]
     dist.all_gather(shards, tensor.detach().contiguous(), group=group)
-    return unshard(kind, shards, dims)
+    return kind.unshard(shards, dims)
 
 
 # ---------------------------------------------------------------------------- export across ranks

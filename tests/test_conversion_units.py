@@ -10,8 +10,8 @@ import torch
 
 from conversion import hf_config
 from conversion.errors import ConversionError
-from conversion.nemotron_h import canonical_expert_name, language_model_rules, localise_expert_name
-from conversion.transforms import Dims, Kind, fuse_qkv, shard, split_qkv, to_hf, to_megatron, unshard
+from conversion.mappings import Dims, Kind
+from conversion.nemotron_h import canonical_expert_name, language_model_mappings, localise_expert_name
 
 DATA = Path(__file__).parent / "data"
 DIMS = Dims(vocab_size=300, padded_vocab_size=384, num_attention_heads=8, num_query_groups=2, kv_channels=4,
@@ -23,11 +23,11 @@ def test_fused_qkv_groups_queries_then_key_then_value():
     q = torch.arange(8 * 4).repeat_interleave(hidden).reshape(32, hidden).float()
     k = -1 - torch.arange(2 * 4).repeat_interleave(hidden).reshape(8, hidden).float()
     v = 1000 + torch.arange(2 * 4).repeat_interleave(hidden).reshape(8, hidden).float()
-    qkv = fuse_qkv(q, k, v, DIMS)
+    qkv = Kind.QKV.to_megatron([q, k, v], DIMS)
     # group 0: query heads 0..3 (rows 0..15), key head 0 (rows 0..3 of k), value head 0
     assert torch.equal(qkv[:16], q[:16]) and torch.equal(qkv[16:20], k[:4]) and torch.equal(qkv[20:24], v[:4])
     assert torch.equal(qkv[24:40], q[16:]) and torch.equal(qkv[40:44], k[4:]) and torch.equal(qkv[44:], v[4:])
-    assert all(torch.equal(a, b) for a, b in zip(split_qkv(qkv, DIMS), (q, k, v)))
+    assert all(torch.equal(a, b) for a, b in zip(Kind.QKV.to_hf(qkv, DIMS), (q, k, v)))
 
 
 @pytest.mark.parametrize("kind,shape", [
@@ -38,23 +38,24 @@ def test_fused_qkv_groups_queries_then_key_then_value():
 @pytest.mark.parametrize("size", [1, 2])
 def test_shard_unshard_round_trip(kind, shape, size):
     full = torch.randn(shape)
-    shards = [shard(kind, full, r, size, DIMS) for r in range(size)]
-    assert torch.equal(unshard(kind, shards, DIMS), full)
+    shards = [kind.shard(full, r, size, DIMS) for r in range(size)]
+    assert torch.equal(kind.unshard(shards, DIMS), full)
 
 
 def test_mamba_in_proj_is_split_per_component():
-    sizes = DIMS.mamba_in_proj_sizes()  # z, x, B, C, dt
+    sizes = [32, 32, 12, 12, 8]  # z, x, B, C, dt of DIMS
+    assert Kind.MAMBA_IN_PROJ.sizes(DIMS) == sizes
     full = torch.cat([torch.full((n, 1), float(i)) for i, n in enumerate(sizes)])
-    rank1 = shard(Kind.MAMBA_IN_PROJ, full, 1, 2, DIMS)
+    rank1 = Kind.MAMBA_IN_PROJ.shard(full, 1, 2, DIMS)
     expected = torch.cat([torch.full((n // 2, 1), float(i)) for i, n in enumerate(sizes)])
     assert torch.equal(rank1, expected)
 
 
 def test_vocab_padding_added_and_removed():
     emb = torch.randn(300, 4)
-    padded = to_megatron(Kind.VOCAB, [emb], DIMS)
+    padded = Kind.VOCAB.to_megatron([emb], DIMS)
     assert padded.shape == (384, 4) and torch.equal(padded[300:], torch.zeros(84, 4))
-    assert torch.equal(to_hf(Kind.VOCAB, padded, DIMS)[0], emb)
+    assert torch.equal(Kind.VOCAB.to_hf(padded, DIMS)[0], emb)
 
 
 def test_expert_names_localise_for_sequential_and_grouped_gemm():
@@ -65,15 +66,36 @@ def test_expert_names_localise_for_sequential_and_grouped_gemm():
         assert canonical_expert_name(localise_expert_name(canonical, 4, grouped), 4) == canonical
 
 
+TEXT = dict(hidden_size=6, vocab_size=300, mamba_num_heads=8, mamba_head_dim=4, n_groups=4, ssm_state_size=3,
+            num_attention_heads=8, num_key_value_heads=2, head_dim=4, intermediate_size=10, n_routed_experts=3,
+            moe_intermediate_size=5, moe_shared_expert_intermediate_size=7)
+
+
 def test_rules_cover_each_layer_kind_once():
-    rules = language_model_rules("M*-E", 3, tied_embeddings=False)
+    rules = language_model_mappings({**TEXT, "_pattern": "M*-E"})
     megatron = [r.megatron for r in rules]
     hf = [h for r in rules for h in r.hf]
     assert len(set(megatron)) == len(megatron) and len(set(hf)) == len(hf)
     assert "decoder.layers.1.self_attention.linear_qkv.weight" in megatron
     assert "backbone.layers.3.mixer.experts.2.down_proj.weight" in hf
     assert "lm_head.weight" in hf
-    assert "lm_head.weight" not in [h for r in language_model_rules("M", None, True) for h in r.hf]
+    tied = {**TEXT, "_pattern": "M", "n_routed_experts": None, "tie_word_embeddings": True}
+    assert "lm_head.weight" not in [h for r in language_model_mappings(tied) for h in r.hf]
+
+
+def test_mapping_checks_exact_shapes_both_ways():
+    """A tensor of the right element count but the wrong shape is refused, naming the formula."""
+    (qkv,) = [m for m in language_model_mappings({**TEXT, "_pattern": "*"}) if m.kind is Kind.QKV]
+    dims = Dims(num_attention_heads=8, num_query_groups=2, kv_channels=4)
+    q, k, v = torch.randn(32, 6), torch.randn(8, 6), torch.randn(8, 6)
+    fused = qkv.to_megatron([q, k, v], dims)
+    assert [n for n, _ in qkv.to_hf(fused, dims)] == list(qkv.hf)
+    with pytest.raises(ConversionError, match=r"q_proj.weight' has shape \(6, 32\), but config.json gives "
+                                              r"\(32, 6\) = \[num_attention_heads\*head_dim, hidden_size\]"):
+        qkv.to_megatron([q.reshape(6, 32), k, v], dims)
+    with pytest.raises(ConversionError, match=r"Megatron tensor 'decoder.layers.0.self_attention.linear_qkv.weight' "
+                                              r"has shape \(6, 48\), but config.json gives \(48, 6\)"):
+        qkv.to_hf(fused.reshape(6, 48), dims)
 
 
 def _released():

@@ -71,7 +71,7 @@ def test_full_size_language_model_on_meta(parallel_state, tmp_path):
     from bridge import weights as W
 
     names = W.canonical_names(model)
-    rules = {r.megatron: r for r in bridge.rules()}
+    rules = {r.megatron: r for r in bridge.mappings()}
     assert sorted(names) == sorted(rules)
 
 
@@ -107,4 +107,4 @@ def test_full_size_omni_on_meta(parallel_state):
     layer_scales = sum(b.numel() for n, b in model.hf_extras.named_buffers() if "layer_scale" in n)
     assert layer_scales == 32 * 2 * 1280
     assert sum(p.numel() for p in model.parameters()) + layer_scales == hf_params
-    assert sorted(bridge._chunk_tensors(model)) == sorted(r.megatron for r in bridge.rules())
+    assert sorted(bridge._chunk_tensors(model)) == sorted(r.megatron for r in bridge.mappings())

@@ -22,7 +22,9 @@ from typing import Optional
 import pytest
 import torch
 
+from conversion import hf_config, registry
 from conversion.errors import ConversionError
+from conversion.mappings import expected_hf
 from conversion.safetensors_io import HFCheckpoint, read_safetensors_header
 from tests.cli_helpers import (
     BIN, assert_clean_failure, copy_dir, edit_config, edit_index, edit_tensors, hidden_siblings, run_cli,
@@ -374,13 +376,38 @@ def test_expected_shapes_are_transformers_shapes(kw):
     from transformers.core_model_loading import revert_weight_conversion
 
     from bridge.tiny_models import build_hf_model, tiny_config
-    from conversion import hf_config, preflight
 
     model = build_hf_model(tiny_config(**kw))
     state = revert_weight_conversion(model, model.state_dict())
     cfg = hf_config.parse_config(model.config.to_dict())
-    expected = preflight.expected_lm_tensors(cfg.text, cfg.lm_prefix)
+    expected = expected_hf(registry.mappings(cfg))
     assert {n: tuple(t.shape) for n, t in state.items()} == {n: s for n, (s, _) in expected.items()}
+
+
+@pytest.mark.parametrize("kw,audio", [(dict(), {}), (dict(has_sound=False), {}), (dict(scheme_text_pattern="E*M-"), {}),
+                                      (dict(), dict(attention_bias=True, convolution_bias=False, subsampling_factor=4,
+                                                    subsampling_conv_kernel_size=5, conv_kernel_size=7))])
+def test_omni_registry_shapes_are_transformers_shapes(kw, audio):
+    """The whole Omni registry (RADIO, projectors, carried tensors, Parakeet), made from config.json
+    alone, names exactly transformers' on-disk tensors with their shapes and integer dtypes."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    from bridge.tiny_models import build_hf_omni_model, tiny_omni_config
+
+    config = tiny_omni_config(**kw)
+    for field, value in audio.items():
+        setattr(config.audio_config, field, value)
+    model = build_hf_omni_model(config)  # with the released checkpoint's input conditioner
+    state = revert_weight_conversion(model, model.state_dict())
+    cfg = hf_config.parse_config(model.config.to_dict())
+    mappings = registry.mappings(cfg, present=state)
+    assert {n: tuple(t.shape) for n, t in state.items()} == {n: s for n, (s, _) in expected_hf(mappings).items()}
+    integer = {h for m in mappings if m.integer for h in m.hf}
+    assert integer == {n for n, t in state.items() if not t.is_floating_point()}
+    # layer scales and input conditioner are optional (transformers' Omni has no conditioner, and loads
+    # without layer scales): absent from the source, absent from the registry
+    without = [n for n in state if "layer_scale" not in n and "input_conditioner" not in n]
+    assert sorted(expected_hf(registry.mappings(cfg, present=without))) == sorted(without)
 
 
 def test_stale_temporaries_of_dead_processes_are_removed(tmp_path):
