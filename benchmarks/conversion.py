@@ -35,6 +35,10 @@ Usage (from the repository root, with the venv active):
   python benchmarks/conversion.py --moe-layers 4 --verify          # 13.92 GiB slice: is memory flat in depth?
   python benchmarks/conversion.py --moe-layers 2 --commands cp,transformers --json out.json
 
+Before / after a change, in one run: `--baseline DIR` (a checkout of the old commit, e.g.
+`git worktree add /tmp/base <commit>`) also runs that tree's converters, interleaved with the new
+ones in every round, and prints new / old for wall time and peak RSS.
+
 Other options: --workdir DIR (default /tmp/nemotron-omni-bench), --repeat N (N rounds of the
 commands; median wall time, largest peak, each round's ratio to cp -r), --keep (keep the outputs),
 --clean (also delete the cached slice at the end), --drop-caches (drop the page cache before every
@@ -56,6 +60,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE_CONFIG = REPO / "tests/data/nemotron-3-nano-omni-30b-a3b.config.json"
@@ -380,7 +385,7 @@ def evict_cache(directory: Path, keep: Path) -> None:
                 os.close(fd)
 
 
-def measure(cmd, output: Path, drop_caches: bool, source: Path, workdir: Path) -> dict:
+def measure(cmd, output: Path, drop_caches: bool, source: Path, workdir: Path, env=None) -> dict:
     """One run in a fresh wrapper process: wall time (command + sync), peak tree RSS / anon, maxrss."""
     remove(output)
     subprocess.run(["sync"], check=True)
@@ -390,7 +395,7 @@ def measure(cmd, output: Path, drop_caches: bool, source: Path, workdir: Path) -
         evict_cache(workdir, keep=source)
         warm_cache(source)
     with tempfile.NamedTemporaryFile(suffix=".json") as result:
-        proc = subprocess.Popen([sys.executable, "-c", WRAPPER, result.name, *map(str, cmd)])
+        proc = subprocess.Popen([sys.executable, "-c", WRAPPER, result.name, *map(str, cmd)], env=env)
         peak_rss = peak_anon = 0
         while proc.poll() is None:
             rss, anon = tree_memory(proc.pid)
@@ -408,21 +413,33 @@ def console_script(name: str) -> str:
     return str(path) if path.exists() else shutil.which(name) or name
 
 
-def commands(slice_dir: Path, workdir: Path) -> dict:
-    """name -> (command, output directory)."""
+def commands(slice_dir: Path, workdir: Path, baseline: Optional[Path] = None) -> dict:
+    """name -> (command, output directory, environment or None). With `baseline` (another checkout
+    of this repository, e.g. `git worktree add /tmp/base <commit>`), the two converters also run
+    from that tree (`base-hf2mcore`, `base-mcore2hf`: the same venv, PYTHONPATH=baseline)."""
     mcore, hf2 = workdir / "out-mcore", workdir / "out-hf"
-    return {
-        "cp": (["cp", "-r", slice_dir, workdir / "out-cp"], workdir / "out-cp"),
+    out = {
+        "cp": (["cp", "-r", slice_dir, workdir / "out-cp"], workdir / "out-cp", None),
         "transformers": ([sys.executable, "-c", TRANSFORMERS, slice_dir, workdir / "out-transformers"],
-                         workdir / "out-transformers"),
-        "hf2mcore": ([console_script("convert-hf-to-mcore"), "--hf-path", slice_dir, "--output", mcore, "--quiet"], mcore),
-        "mcore2hf": ([console_script("convert-mcore-to-hf"), "--mcore-path", mcore, "--output", hf2, "--quiet"], hf2),
+                         workdir / "out-transformers", None),
+        "hf2mcore": ([console_script("convert-hf-to-mcore"), "--hf-path", slice_dir, "--output", mcore, "--quiet"],
+                     mcore, None),
+        "mcore2hf": ([console_script("convert-mcore-to-hf"), "--mcore-path", mcore, "--output", hf2, "--quiet"],
+                     hf2, None),
     }
+    if baseline is not None:
+        env = {**os.environ, "PYTHONPATH": str(baseline.resolve())}
+        for name in ("hf2mcore", "mcore2hf"):
+            cmd, output, _ = out[name]
+            rename = {mcore: workdir / "base-out-mcore", hf2: workdir / "base-out-hf"}
+            out["base-" + name] = ([rename.get(a, a) for a in cmd], rename[output], env)
+    return out
 
 
 LABELS = {"cp": "`cp -r`", "transformers": "transformers load + save",
-          "hf2mcore": "`convert-hf-to-mcore`", "mcore2hf": "`convert-mcore-to-hf`"}
-ORDER = ("cp", "transformers", "hf2mcore", "mcore2hf")
+          "hf2mcore": "`convert-hf-to-mcore`", "mcore2hf": "`convert-mcore-to-hf`",
+          "base-hf2mcore": "`convert-hf-to-mcore` (baseline)", "base-mcore2hf": "`convert-mcore-to-hf` (baseline)"}
+ORDER = ("cp", "transformers", "base-hf2mcore", "hf2mcore", "base-mcore2hf", "mcore2hf")
 
 
 # ------------------------------------------------------------------ verification
@@ -516,8 +533,12 @@ def main(argv=None) -> int:
     p.add_argument("--clean", action="store_true", help="also delete the cached slice at the end")
     p.add_argument("--drop-caches", action="store_true", help="drop the page cache before each run (root)")
     p.add_argument("--generate-only", action="store_true", help="only write (or find) the slice")
+    p.add_argument("--baseline", type=Path, help="another checkout of this repository: its converters run too, "
+                   "in the same rounds (before / after a change, measured in one run)")
     args = p.parse_args(argv)
     selected = [c for c in args.commands.split(",") if c]
+    if args.baseline:
+        selected += ["base-" + c for c in selected if c in ("hf2mcore", "mcore2hf")]
     unknown = set(selected) - set(ORDER)
     if unknown or (args.verify and "mcore2hf" not in selected):
         p.error(f"unknown commands {sorted(unknown)}" if unknown else "--verify needs mcore2hf")
@@ -537,7 +558,7 @@ def main(argv=None) -> int:
     if args.generate_only:
         return 0
 
-    cmds = commands(slice_dir, args.workdir)
+    cmds = commands(slice_dir, args.workdir, args.baseline)
     try:
         # Rounds of every command, not every repeat of one command after the other: the disk of a
         # virtual machine can change speed by 2x within minutes, and the ratios should compare
@@ -546,10 +567,10 @@ def main(argv=None) -> int:
         samples = {name: [] for name in names}
         for i in range(args.repeat):
             for name in names:
-                cmd, output = cmds[name]
+                cmd, output, env = cmds[name]
                 print(f"run: {name} ({i + 1}/{args.repeat}) ...", flush=True)
-                source = cmds["hf2mcore"][1] if name == "mcore2hf" else slice_dir
-                samples[name].append(measure(cmd, output, args.drop_caches, source, args.workdir))
+                source = cmds[name.replace("mcore2hf", "hf2mcore")][1] if name.endswith("mcore2hf") else slice_dir
+                samples[name].append(measure(cmd, output, args.drop_caches, source, args.workdir, env))
                 print(f"     {samples[name][-1]['wall_s']:.1f} s, peak RSS {samples[name][-1]['peak_rss_bytes'] / GiB:.2f} GiB",
                       flush=True)
                 if name in ("cp", "transformers") and not args.keep:
@@ -560,7 +581,7 @@ def main(argv=None) -> int:
             report["verified_tensors"] = verify_round_trip(slice_dir, cmds["mcore2hf"][1])
     finally:
         if not args.keep:
-            for cmd, output in cmds.values():
+            for _, output, _ in cmds.values():
                 remove(output)
         if args.clean:
             remove(slice_dir)
@@ -574,6 +595,12 @@ def main(argv=None) -> int:
                 ratios = [s["wall_s"] / c for s, c in zip(result["samples"], cp_runs)]
                 result["round_ratios"] = ratios
                 print(f"{LABELS[name]} / `cp -r`, round by round: {', '.join(f'{r:.2f}' for r in ratios)}")
+    for name in ("hf2mcore", "mcore2hf"):  # after / before, in the same run
+        if "base-" + name in report["results"] and name in report["results"]:
+            new, old = report["results"][name], report["results"]["base-" + name]
+            report.setdefault("vs_baseline", {})[name] = {k: new[k] / old[k] for k in ("wall_s", "peak_rss_bytes")}
+            print(f"{LABELS[name]} / baseline: wall {new['wall_s'] / old['wall_s']:.3f}, "
+                  f"peak RSS {new['peak_rss_bytes'] / old['peak_rss_bytes']:.3f}")
     if args.verify:
         print(f"\nround trip: all {report['verified_tensors']} tensors of the export equal the slice bit for bit")
     if args.json:

@@ -64,6 +64,7 @@ from bridge.checkpoint import capture_error, first_rank_error
 from conversion import direct_io, integrity
 from conversion.direct_io import PAGE, DirectStream, buffer_address
 from conversion.errors import ConversionError
+from conversion.mappings import Mapping
 from conversion.omni import SOUND_ENCODER_PREFIX
 from conversion.safe_pickle import data_file, load_dcp_metadata
 from conversion.safetensors_io import OpenFiles, drop_pages, map_bytes, nbytes_of
@@ -248,27 +249,36 @@ def _pieces(factory: ShardedTensorFactory, data: torch.Tensor):
 
 # ---------------------------------------------------------------------------- HF -> Megatron
 
-class _Source:
-    """Where one checkpoint chunk comes from: a parameter (its name-table name, its dtype and size
-    in the model) and, for a factory, which of its pieces."""
+class PlanEntry:
+    """One chunk of the Megatron checkpoint to write: the mapping that makes its parameter from the
+    HF tensor(s), the parameter's dtype and size in the model, for a factory which of its pieces,
+    and the rank that writes it."""
 
-    def __init__(self, param: str, dtype: torch.dtype, nbytes: int, factory: Optional[ShardedTensorFactory] = None,
-                 piece: int = 0):
-        self.param, self.dtype, self.nbytes, self.factory, self.piece = param, dtype, nbytes, factory, piece
+    def __init__(self, mapping: Mapping, dtype: torch.dtype, nbytes: int, owner: int,
+                 factory: Optional[ShardedTensorFactory] = None, piece: int = 0):
+        self.mapping, self.dtype, self.nbytes, self.owner = mapping, dtype, nbytes, owner
+        self.factory, self.piece = factory, piece
 
 
-def plan_hf_to_megatron(model_state: Dict, rank: int, ranks: int):
-    """Assign each parameter to a rank (main replica there, a non-main replica elsewhere) and expand
-    factories into their pieces, in place. Returns ((checkpoint key, global offset) -> source,
-    (bytes, chunks) of this rank's share)."""
+def plan_hf_to_megatron(model_state: Dict, table: Dict[str, Mapping], rank: int, ranks: int):
+    """The plan: (checkpoint key, global offset) -> PlanEntry for every chunk megatron's sharded
+    state of the meta model names (its layout is megatron's own: keys, offsets, factory pieces),
+    each parameter given to a rank balanced by bytes. Every parameter must have a mapping (checked
+    here, before anything is written). The state is adjusted in place for the writer: main replica
+    on the owning rank, factories expanded into their pieces. Returns (plan, (bytes, chunks) of
+    this rank's share)."""
     entries = _param_entries(model_state)
     names = sorted(entries, key=checkpoint_name)  # the same order (and shares) on every megatron-core version
+    unmapped = [checkpoint_name(n) for n in names if checkpoint_name(n) not in table]
+    if unmapped:
+        raise ConversionError(f"megatron parameter {unmapped[0]!r} has no HF source in the registry")
     sizes = [nbytes_of(entries[n].data.shape, entries[n].data.dtype) for n in names]
     owners = assign(sizes, ranks)
-    sources: Dict[Tuple[str, Tuple[int, ...]], _Source] = {}
+    plan: Dict[Tuple[str, Tuple[int, ...]], PlanEntry] = {}
     mine = [0, 0]
     for name, size, owner in zip(names, sizes, owners):
         entry = entries[name]
+        mapping = table[checkpoint_name(name)]
         entry.replica_id = 0 if owner == rank else 1
         pieces = _pieces(entry, entry.data) if isinstance(entry, ShardedTensorFactory) else [entry]
         if owner == rank:
@@ -276,19 +286,18 @@ def plan_hf_to_megatron(model_state: Dict, rank: int, ranks: int):
             mine[1] += len(pieces)
         if isinstance(entry, ShardedTensorFactory):
             for i, piece in enumerate(pieces):
-                sources[(piece.key, tuple(piece.global_offset))] = _Source(checkpoint_name(name), entry.data.dtype,
-                                                                           size, entry, i)
+                plan[(piece.key, tuple(piece.global_offset))] = PlanEntry(mapping, entry.data.dtype, size, owner, entry, i)
             model_state[name] = pieces
         else:
-            sources[(entry.key, tuple(entry.global_offset))] = _Source(checkpoint_name(name), entry.data.dtype, size)
-    return sources, mine
+            plan[(entry.key, tuple(entry.global_offset))] = PlanEntry(mapping, entry.data.dtype, size, owner)
+    return plan, mine
 
 
 class _OnDemandPlanner(MCoreSavePlanner):
     """megatron-core's DCP save planner, except that a tensor chunk is made from the HF files only
     when the writer asks for it, and freed before the same writer thread asks for the next one."""
 
-    def __init__(self, make: Callable[[str, torch.dtype], torch.Tensor], sources, budget: ByteBudget,
+    def __init__(self, make: Callable[[Mapping], torch.Tensor], sources, budget: ByteBudget,
                  progress: Progress):
         super().__init__(dedup_replicated_tensors=False, flatten_state_dict=False)
         self.make, self.sources, self.budget, self.progress = make, sources, budget, progress
@@ -323,7 +332,7 @@ class _OnDemandPlanner(MCoreSavePlanner):
             raise ConversionError(f"no HF source planned for Megatron checkpoint tensor {key[0]!r} at offset {key[1]}")
         n = self.budget.acquire(source.nbytes)
         try:
-            tensor = self.make(source.param, source.dtype)
+            tensor = self.make(source.mapping).to(source.dtype)
             if source.factory is not None:
                 tensor = _pieces(source.factory, tensor)[source.piece].data
             tensor = exact_view(tensor, write_item.tensor_data.chunk.sizes, f"Megatron checkpoint tensor {key[0]!r}")
@@ -511,16 +520,12 @@ def convert_hf_to_megatron(bridge, output: Path, dtype: Optional[torch.dtype] = 
     rank, ranks = world()
     model = meta_model(bridge, dtype or bridge.default_dtype())
     state = checkpoint.sharded_state(model)
-    sources, mine = plan_hf_to_megatron(state["model"], rank, ranks)
+    sources, mine = plan_hf_to_megatron(state["model"], bridge.mapping_table(), rank, ranks)
     progress = Progress(mine[0], mine[1], "hf -> megatron", quiet or rank != 0)
-    table = bridge.mapping_table()
     dims = bridge._dims(bridge._language_model(model))
 
-    def make(param: str, dtype: torch.dtype) -> torch.Tensor:
-        mapping = table.get(param)
-        if mapping is None:
-            raise ConversionError(f"megatron parameter {param!r} has no HF source in the registry")
-        return bridge.megatron_tensor(mapping, dims).to(dtype)
+    def make(mapping: Mapping) -> torch.Tensor:
+        return bridge.megatron_tensor(mapping, dims)
 
     if source_sums is None:  # each rank hashes its share of the source files meanwhile
         source_sums = integrity.share_checksums_in_background(bridge.hf_dir, bridge.source_files(), rank, ranks)

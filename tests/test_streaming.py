@@ -369,3 +369,41 @@ def test_the_meta_model_takes_no_storage_where_cuda_is_present(omni):
     r = subprocess.run([sys.executable, "-c", META_ON_A_CUDA_HOST, str(hf)], capture_output=True, text=True,
                        timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert r.returncode == 0 and r.stdout.strip().splitlines()[-1] == "['meta']", r.stderr[-3000:]
+
+
+PARAKEET = "sound_encoder.encoder.layers.0.conv.norm.running_mean"
+
+
+@pytest.mark.parametrize("edit,fragments", [
+    ("drop", ["missing tensor", PARAKEET]),
+    ("reshape", [PARAKEET, "(2, 16)", "(32,)", "hidden_size"]),
+])
+def test_a_parakeet_tensor_is_checked_against_the_config(omni, tmp_path, edit, fragments):
+    """The Parakeet entries come from the audio config, not from the input: a missing or reshaped
+    encoder tensor is refused by the preflight (exit 2, one line, no output), not on load."""
+    from tests.cli_helpers import copy_dir, edit_index, edit_tensors
+
+    _, hf, _ = omni
+    broken = copy_dir(hf, tmp_path / "hf")
+    if edit == "drop":
+        edit_tensors(broken, PARAKEET, lambda s: (s.pop(PARAKEET), None)[1])
+        edit_index(broken, lambda m: m.pop(PARAKEET))
+    else:
+        edit_tensors(broken, PARAKEET, lambda s: s.__setitem__(PARAKEET, s[PARAKEET].reshape(2, 16)))
+    proc = run_cli("convert-hf-to-mcore", "--hf-path", broken, "--output", tmp_path / "out", "--quiet")
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:"), proc.stderr[-2000:]
+    assert all(f in lines[0] for f in fragments), lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_streaming_never_reshapes_a_tensor_of_the_right_size():
+    """Only megatron's prepended singleton axes may differ between a tensor and its checkpoint chunk."""
+    from bridge.streaming import exact_view
+    from conversion.errors import ConversionError
+
+    assert exact_view(torch.zeros(4, 6), (1, 4, 6), "t").shape == (1, 4, 6)
+    assert exact_view(torch.zeros(1, 4, 6), (4, 6), "t").shape == (4, 6)
+    for wrong in ((6, 4), (24,), (2, 4, 3), (2, 2, 6)):
+        with pytest.raises(ConversionError, match=r"t: the tensor made has shape \(4, 6\)"):
+            exact_view(torch.zeros(4, 6), wrong, "t")
