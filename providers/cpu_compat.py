@@ -12,7 +12,8 @@ missing target, when megatron-core no longer has it (nothing is skipped silently
 
 What the CPU build needs and megatron-core offers an extension point for is not patched but built
 by `providers.layer_specs` (layer specs and module subclasses): the TE-named linears and norms, the
-attention's causal mask (formerly patch 3), the stack's final norm (formerly patch 8).
+attention's causal mask (formerly patch 3), the Mamba mixer without mamba-ssm (formerly patch 7),
+the stack's final norm (formerly patch 8).
 
 The CPU build uses the spec of `providers.layer_specs.get_mamba_stack_spec(use_te=False, ...)`,
 whose parameter names equal the TE spec's, and the model config must set (the provider's job):
@@ -66,14 +67,13 @@ Patches (each is applied only when CUDA is unavailable, and each is as narrow as
    CPU the splits stay tensors and ``all_to_all_single`` fails (EP > 1), and ``.tolist()`` on the
    TP splits is then called on the wrong type. On CPU it returns ``tensor.numpy()`` where megatron
    asks for numpy (as it does for CUDA tensors). Checked with 2-process gloo runs (EP=2, TP=2+SP).
-7. Mamba mixer (``megatron.core.ssm.mamba_mixer``): without mamba-ssm it refuses to build
-   (``HAVE_MAMBA_SSM``), its ``RMSNormGated``/``ExtendedRMSNorm`` are built on a ``MagicMock`` and
-   ``mamba_chunk_scan_combined`` is missing. We set ``HAVE_MAMBA_SSM = True`` and provide
-   `GatedRMSNorm` (mamba-ssm's ``layernorm_gated.RMSNorm`` signature and semantics, pure torch),
-   `ExtendedRMSNorm` (the same plus megatron's TP-sharded ``sharded_state_dict``), the chunked SSD
-   scan `mamba_chunk_scan_combined` (pure torch, autograd) and a ``mamba_split_conv1d_scan_combined``
-   that raises with a message asking for ``use_mamba_mem_eff_path=False``.
-   ``selective_state_update``/``causal_conv1d_*`` stay ``None``: megatron has torch fallbacks.
+7. (Removed.) Without mamba-ssm megatron's Mamba mixer refuses to build (``HAVE_MAMBA_SSM``), its
+   ``ExtendedRMSNorm`` is built on a ``MagicMock`` and ``mamba_chunk_scan_combined`` is missing;
+   the patch set ``HAVE_MAMBA_SSM = True`` (telling every user of the module that mamba-ssm was
+   there) and those globals. No patch: the CPU spec's mixer is `providers.layer_specs.cpu_mamba_mixer`,
+   megatron's own mixer code reading this module's `GatedRMSNorm`-based `ExtendedRMSNorm` and the
+   pure-torch scan `mamba_chunk_scan_combined` (``mamba_split_conv1d_scan_combined`` raises, asking
+   for ``use_mamba_mem_eff_path=False``); megatron's mixer module is left as it is.
 8. (Removed.) The stack's ``final_norm`` is hard-wired to TE's ``TENorm``; the patch replaced
    ``mamba_block.TENorm``, which from 0.18 on no longer reaches the stack (``mamba_block``
    re-exports ``models.hybrid.hybrid_block``, which imports its own ``TENorm``). No patch: the CPU
@@ -275,7 +275,8 @@ def mamba_chunk_scan_combined(
     return y
 
 
-def _mamba_split_conv1d_scan_combined_unavailable(*args, **kwargs):
+def mamba_split_conv1d_scan_combined_unavailable(*args, **kwargs):
+    """Stands in for mamba-ssm's fused kernel of the memory-efficient Mamba path (no torch version)."""
     raise RuntimeError(
         "mamba_split_conv1d_scan_combined (the memory-efficient Mamba path) needs mamba-ssm's "
         "Triton kernels; on CPU set TransformerConfig.use_mamba_mem_eff_path=False."
@@ -679,15 +680,25 @@ def _set_module_torch(module_name: str, proxy, allowed=()) -> None:
                                     f"is {current!r}, not the torch module")
 
 
+def code_names(code: types.CodeType) -> set:
+    """The global and attribute names `code` reads, its nested functions' and comprehensions' too."""
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= code_names(const)
+    return names
+
+
 def _require_global_uses(module, names, *functions) -> None:
     """Each of `names` is a global that one of `functions` (or a method of a class among them)
-    looks up: the module globals patched below are what megatron's code actually calls."""
+    looks up: the module globals patched (or, for the CPU Mamba mixer, read differently) are what
+    megatron's code actually calls."""
     used = set()
     for f in functions:
         for attr in (vars(f).values() if isinstance(f, type) else (f,)):
             code = getattr(getattr(attr, "__func__", attr), "__code__", None)  # staticmethods too
             if code is not None:
-                used.update(code.co_names)
+                used |= code_names(code)
     for name in names:
         if name not in used:
             raise _patch_target_missing(f"{module.__name__}.{name}", "is no longer used by the code the patch is for")
@@ -710,7 +721,7 @@ def apply_cpu_patches() -> bool:
     _install_triton_tensor_ops_stub()
 
     # 2. torch.cuda proxy in the modules that allocate on / synchronise with the current device.
-    # (3 and 8 are gone: see the module docstring.)
+    # (3, 7 and 8 are gone: see the module docstring.)
     for name in _CUDA_PROXY_MODULES:
         _set_module_torch(name, _CPU_TORCH)
 
@@ -728,20 +739,6 @@ def apply_cpu_patches() -> bool:
     # 6. alltoall split sizes as host numpy arrays.
     token_dispatcher = _target("megatron.core.transformer.moe.token_dispatcher", "maybe_move_tensor_to_cpu")
     token_dispatcher.maybe_move_tensor_to_cpu = _maybe_move_tensor_to_cpu_cpu
-
-    # 7. Mamba mixer without mamba-ssm.
-    mamba_mixer = _target("megatron.core.ssm.mamba_mixer", "HAVE_MAMBA_SSM", "RMSNormGated", "ExtendedRMSNorm",
-                          "MambaMixer")
-    _require_global_uses(mamba_mixer, ["HAVE_MAMBA_SSM", "ExtendedRMSNorm", "mamba_chunk_scan_combined",
-                                       "mamba_split_conv1d_scan_combined"], mamba_mixer.MambaMixer)
-    if not mamba_mixer.HAVE_MAMBA_SSM:
-        mamba_mixer.HAVE_MAMBA_SSM = True
-        mamba_mixer.RMSNormGated = GatedRMSNorm
-        mamba_mixer.ExtendedRMSNorm = ExtendedRMSNorm
-        mamba_mixer.mamba_chunk_scan_combined = mamba_chunk_scan_combined
-        mamba_mixer.mamba_split_conv1d_scan_combined = (
-            _mamba_split_conv1d_scan_combined_unavailable
-        )
 
     # 9. pipeline schedules' literal device="cuda" token counter.
     _set_module_torch("megatron.core.pipeline_parallel.schedules", _CPU_TORCH_NO_CUDA_LITERALS)
