@@ -198,7 +198,7 @@ def cpu_mamba_mixer():
     while the mixer builds would not be thread-safe. The copy is taken once, after
     ``cpu_compat.apply_cpu_patches()`` (its ``torch`` is patch 2's proxy, as in the module). Raises
     RuntimeError (megatron-core version, name) when megatron's mixer no longer reads one of the
-    names (checked on megatron-core 0.16.1 and 0.19.2)."""
+    names (checked on megatron-core `cpu_compat.CHECKED_ON`)."""
     cpu_compat.apply_cpu_patches()  # the triton stand-in before the mixer module is imported
     from megatron.core.ssm import mamba_mixer
 

@@ -1,7 +1,7 @@
 """providers/cpu_compat.py: a patch whose target megatron-core no longer has fails loudly (a
-RuntimeError naming the megatron-core version and the target), and the accommodations that are
-extension points rather than patches are in place on this megatron-core (and leave megatron's
-modules alone)."""
+RuntimeError naming the megatron-core version and the target), every patch of the registry is in
+effect and was checked on this megatron-core, and the accommodations that are extension points
+rather than patches are in place on this megatron-core (and leave megatron's modules alone)."""
 
 import sys
 import types
@@ -51,6 +51,42 @@ def test_a_global_the_code_no_longer_uses_is_an_error():
     with pytest.raises(RuntimeError) as e:
         cpu_compat._require_global_uses(mamba_mixer, ["no_such_kernel"], mamba_mixer.MambaMixer)
     _assert_names_version_and(e, "megatron.core.ssm.mamba_mixer.no_such_kernel")
+
+
+def _patch_id(patch):
+    return f"patch{patch.number}"
+
+
+def _replace_target(monkeypatch, target, value):
+    module_name, attribute = target
+    if attribute is None:
+        monkeypatch.setitem(sys.modules, module_name, value)
+    else:
+        monkeypatch.setattr(sys.modules[module_name], attribute, value)
+
+
+@CPU_ONLY
+@pytest.mark.parametrize("patch", cpu_compat.PATCHES, ids=_patch_id)
+def test_each_patch_is_in_effect(patch, monkeypatch):
+    """After `apply_cpu_patches()` (`apply_cpu_training_patches()` for the training ones) every
+    registered patch is in effect, and `applied()` looks at each of its targets: with any one of
+    them replaced by something else, it says the patch is not in effect."""
+    if patch.training:
+        cpu_compat.apply_cpu_training_patches()
+    assert patch.applied(), f"patch {patch.number} is not in effect on megatron-core {megatron.core.__version__}"
+    for target in patch.targets:
+        _replace_target(monkeypatch, target, object())
+        assert not patch.applied(), target
+        monkeypatch.undo()
+    assert patch.applied()
+
+
+@pytest.mark.parametrize("patch", cpu_compat.PATCHES, ids=_patch_id)
+def test_each_patch_was_checked_on_this_megatron_core(patch):
+    """A megatron-core release the patches were not checked on fails here (update the registry once
+    the patch is checked there, or drop it)."""
+    assert megatron.core.__version__ in patch.checked_on, (patch.number, patch.checked_on)
+    assert megatron.core.__version__ in cpu_compat.CHECKED_ON  # the extension points of layer_specs too
 
 
 def _tiny_hybrid_model():
