@@ -12,7 +12,10 @@ missing target, when megatron-core no longer has it (nothing is skipped silently
 
 What the CPU build needs and megatron-core offers an extension point for is not patched but built
 by `providers.layer_specs` (layer specs and module subclasses): the TE-named linears and norms, the
-attention's causal mask (formerly patch 3), the stack's final norm (formerly patch 8).
+attention's causal mask (formerly patch 3), the Mamba mixer without mamba-ssm (formerly patch 7,
+which set megatron's module-global ``HAVE_MAMBA_SSM = True``: `providers.layer_specs.cpu_mamba_mixer`
+runs megatron's own mixer code with the pure-torch norm and scan of this module, and megatron's
+mixer module is left as it is), the stack's final norm (formerly patch 8).
 
 The CPU build uses the spec of `providers.layer_specs.get_mamba_stack_spec(use_te=False, ...)`,
 whose parameter names equal the TE spec's, and the model config must set (the provider's job):
@@ -30,91 +33,43 @@ whose parameter names equal the TE spec's, and the model config must set (the pr
 * Parallelism: TP=2 (with sequence parallelism, which megatron requires for MoE + TP in training)
   and EP=2 were checked with 2-process gloo groups; a single process is the usual CPU case.
 
-Patches (each is applied only when CUDA is unavailable, and each is as narrow as we could make it):
-
-1. ``megatron.core.inference.contexts.attention_context.triton.tensor_ops``: the Mamba mixer
-   imports three triton kernels from it at module level and ``import triton`` fails. We register a
-   stand-in module (only if the real import fails: where triton is installed, as beside 0.19.2
-   here, the real module is used) whose functions raise ``NotImplementedError``: they are used
-   only by dynamic-batching inference, which also needs causal-conv1d's varlen kernels and is not
-   supported on CPU.
-2. ``torch.cuda.*`` as seen by a fixed list of megatron modules (`_CUDA_PROXY_MODULES`): those
-   modules allocate with ``device=torch.cuda.current_device()`` (Mamba mixer parameters, MoE router
-   buffers, the tensor-parallel linears/embedding and TP>1 mappings, ``GlobalMemoryBuffer`` used by
-   the local attention, attention KV-cache buffers, the off-by-one softmax offset) and the alltoall
-   dispatcher creates/uses CUDA streams and events. We replace the module-global name ``torch``
-   *in those modules only* by a proxy that forwards everything to ``torch`` except ``torch.cuda``, whose ``current_device()`` is
-   the default device (cpu, or meta inside ``with torch.device("meta")``), ``Stream``/``current_stream``/``stream``/``synchronize``/``Event`` are
-   no-ops. Global ``torch.cuda`` is left alone (other libraries keep their own checks).
-3. (Removed.) megatron's ``get_default_causal_mask`` / ``get_sliding_window_causal_mask``
-   (transformer/utils.py) build the mask with a literal ``device="cuda"``, and the local softmax
-   builds it when it gets no mask. No patch: the CPU spec's attention,
-   `providers.layer_specs.DotProductAttention`, hands the softmax the same mask built on its inputs'
-   device (`causal_mask`, `sliding_window_causal_mask`).
-4. RNG tracker: ``model_parallel_cuda_manual_seed`` seeds/forks CUDA generators. We install
-   megatron's own inference tracker (``initialize_rng_tracker(inference_rng_tracker=True)``), whose
-   ``add``/``set_states`` are no-ops and ``fork()`` a null context, so parameter init and dropout
-   draw from the CPU default generator (seed it with ``torch.manual_seed`` or
-   `cpu_manual_seed`). A later ``model_parallel_cuda_manual_seed(seed)`` (without
-   ``force_reset_rng``) keeps this tracker and works too (``torch.cuda.manual_seed`` is lazy).
-5. ``megatron.core.transformer.moe.moe_utils.te_general_gemm``: referenced by the router gating
-   GEMM but, in 0.16.1, only bound when TE imports, so the router raises ``NameError`` without TE.
-   Set to ``None`` (megatron's own fallback to ``torch.mm`` then runs). 0.19.2 binds it to None
-   itself: then nothing is done.
-6. ``maybe_move_tensor_to_cpu`` as imported by ``token_dispatcher``: the alltoall dispatcher relies
-   on it to turn the split sizes into host numpy arrays, but it only acts on CUDA tensors, so on
-   CPU the splits stay tensors and ``all_to_all_single`` fails (EP > 1), and ``.tolist()`` on the
-   TP splits is then called on the wrong type. On CPU it returns ``tensor.numpy()`` where megatron
-   asks for numpy (as it does for CUDA tensors). Checked with 2-process gloo runs (EP=2, TP=2+SP).
-7. Mamba mixer (``megatron.core.ssm.mamba_mixer``): without mamba-ssm it refuses to build
-   (``HAVE_MAMBA_SSM``), its ``RMSNormGated``/``ExtendedRMSNorm`` are built on a ``MagicMock`` and
-   ``mamba_chunk_scan_combined`` is missing. We set ``HAVE_MAMBA_SSM = True`` and provide
-   `GatedRMSNorm` (mamba-ssm's ``layernorm_gated.RMSNorm`` signature and semantics, pure torch),
-   `ExtendedRMSNorm` (the same plus megatron's TP-sharded ``sharded_state_dict``), the chunked SSD
-   scan `mamba_chunk_scan_combined` (pure torch, autograd) and a ``mamba_split_conv1d_scan_combined``
-   that raises with a message asking for ``use_mamba_mem_eff_path=False``.
-   ``selective_state_update``/``causal_conv1d_*`` stay ``None``: megatron has torch fallbacks.
-8. (Removed.) The stack's ``final_norm`` is hard-wired to TE's ``TENorm``; the patch replaced
-   ``mamba_block.TENorm``, which from 0.18 on no longer reaches the stack (``mamba_block``
-   re-exports ``models.hybrid.hybrid_block``, which imports its own ``TENorm``). No patch: the CPU
-   spec's stack is `providers.layer_specs.CpuHybridStack`, which builds `TorchNorm` (TENorm's
-   arguments and parameter names, ``weight`` plus ``bias`` for LayerNorm, and, like TE >= 2, an
-   ``_extra_state`` entry, None here, so state dicts have the same keys) as its final norm.
-
-9. ``megatron.core.pipeline_parallel.schedules``: every schedule (no pipelining, 1F1B, interleaved)
-   allocates its token counter with a literal ``torch.zeros([], device="cuda")``, and
-   ``p2p_communication`` allocates its shape buffers on ``torch.cuda.current_device()`` and calls
-   ``torch.cuda.synchronize()``. p2p_communication gets the proxy of patch 2; schedules gets a
-   proxy whose ``zeros`` also maps ``device="cuda"`` to the default device. With these,
-   ``get_forward_backward_func()`` runs forward-only (and forward-backward) pipeline schedules over
-   gloo (checked with PP=2, and PP=2 x 2 virtual stages, in ``tests/test_parallel_layouts.py``).
-
-10. Training (`apply_cpu_training_patches`, called by the examples, not by the bridge): megatron's
-   DDP grad buffers, optimizer, grad-norm and grad-scaler modules allocate on the current CUDA
-   device or a literal ``device="cuda"``; they get a proxy mapping both to the default device, and
-   ``clip_grad_by_total_norm_fp32`` (which asserts CUDA tensors) a CPU version.
+What megatron-core offers no extension point for is patched. Every remaining patch is one entry of
+`PATCHES` (what it replaces, why, the megatron-core releases it was checked on, the function that
+applies it and the one that tells whether it is in effect); the list at the end of this docstring is
+generated from that table. `apply_cpu_patches()` applies the entries not marked ``training``,
+`apply_cpu_training_patches()` the others; `tests/test_cpu_compat.py` checks that each one is in
+effect and was checked on the installed megatron-core.
 
 Dist-checkpoint saving works through patch 2 (``filesystem_async`` / ``state_dict_saver``) and the
 ``psutil`` dependency. Not covered: ``moe_utils.track_moe_metrics`` (training-loop logging, literal ``device="cuda"``),
 dynamic-batching inference, packed sequences (``seq_idx``/``cu_seqlens``) and the memory-efficient
 Mamba path. megatron's ``squared_relu`` is ``torch.compile``d; on CPU that works (inductor + gcc)
 but costs ~10 s of compilation on first use.
+
+Patches (numbers as before; 3, 7 and 8 are extension points now, see above):
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import sys
+import textwrap
 import types
-from typing import Optional, Tuple
+from dataclasses import dataclass
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
+    "CHECKED_ON",
+    "PATCHES",
+    "Patch",
     "apply_cpu_patches",
+    "apply_cpu_training_patches",
     "cpu_config_overrides",
     "cpu_manual_seed",
     "mamba_chunk_scan_combined",
@@ -127,9 +82,15 @@ __all__ = [
     "sliding_window_causal_mask",
 ]
 
+# The megatron-core releases every patch below (and the extension points of providers.layer_specs
+# that rely on megatron internals) was checked on.
+CHECKED_ON = ("0.16.1", "0.19.2")
+
 _APPLIED = False
 
 _TRITON_TENSOR_OPS = "megatron.core.inference.contexts.attention_context.triton.tensor_ops"
+# The triton kernels the Mamba mixer imports from it.
+_TENSOR_OPS_FUNCTIONS = ("tensor_get_slice_after", "tensor_merge", "tensor_masked_update")
 
 # Modules whose `torch.cuda.*` calls (current_device / streams / events) get the CPU proxy, and
 # what fails without it (checked by removing each one).
@@ -275,7 +236,8 @@ def mamba_chunk_scan_combined(
     return y
 
 
-def _mamba_split_conv1d_scan_combined_unavailable(*args, **kwargs):
+def mamba_split_conv1d_scan_combined_unavailable(*args, **kwargs):
+    """Stands in for mamba-ssm's fused kernel of the memory-efficient Mamba path (no torch version)."""
     raise RuntimeError(
         "mamba_split_conv1d_scan_combined (the memory-efficient Mamba path) needs mamba-ssm's "
         "Triton kernels; on CPU set TransformerConfig.use_mamba_mem_eff_path=False."
@@ -530,14 +492,26 @@ class _CpuTorch(types.ModuleType):
 _CPU_TORCH = _CpuTorch()
 
 
-class _CpuTorchNoCudaLiterals(_CpuTorch):
-    """`_CpuTorch` whose `zeros` also maps a literal ``device="cuda"`` to the default device."""
+def _cuda_literal_to_default_device(factory):
+    """`factory` (torch.zeros, ...) with a literal ``device="cuda"`` meaning the default device."""
 
-    def zeros(self, *args, **kwargs):
+    def on_default_device(*args, **kwargs):
         device = kwargs.get("device")
         if device is not None and torch.device(device).type == "cuda":
             kwargs["device"] = torch.get_default_device()
-        return torch.zeros(*args, **kwargs)
+        return factory(*args, **kwargs)
+
+    return on_default_device
+
+
+class _CpuTorchNoCudaLiterals(_CpuTorch):
+    """`_CpuTorch` whose tensor factories also map a literal ``device="cuda"`` to the default device
+    (the pipeline schedules' token counter, the training modules' buffers)."""
+
+    def __init__(self):
+        super().__init__()
+        for name in ("tensor", "zeros", "ones", "empty", "full"):
+            setattr(self, name, _cuda_literal_to_default_device(getattr(torch, name)))
 
 
 _CPU_TORCH_NO_CUDA_LITERALS = _CpuTorchNoCudaLiterals()
@@ -558,10 +532,15 @@ def _install_triton_tensor_ops_stub():
     except ImportError:
         stub = types.ModuleType(_TRITON_TENSOR_OPS)
         stub.__doc__ = "CPU stand-in (providers.cpu_compat): triton is not installed."
-        stub.tensor_get_slice_after = _raise_dynamic_inference
-        stub.tensor_merge = _raise_dynamic_inference
-        stub.tensor_masked_update = _raise_dynamic_inference
+        for name in _TENSOR_OPS_FUNCTIONS:
+            setattr(stub, name, _raise_dynamic_inference)
         sys.modules[_TRITON_TENSOR_OPS] = stub
+
+
+def _triton_tensor_ops_importable() -> bool:
+    """Patch 1 in effect: the module the mixer imports its kernels from is there (stand-in or real)."""
+    module = sys.modules.get(_TRITON_TENSOR_OPS)
+    return all(callable(getattr(module, name, None)) for name in _TENSOR_OPS_FUNCTIONS)
 
 
 def causal_mask(sq: int, sk: int, device=None) -> torch.Tensor:
@@ -587,14 +566,19 @@ def _maybe_move_tensor_to_cpu_cpu(tensor, as_numpy: bool = False, record_stream:
     return tensor
 
 
-def _install_cpu_rng_tracker():
-    """Patch 4: megatron's inference RNG tracker (no CUDA generator needed)."""
-    from megatron.core.tensor_parallel import random as mrandom
+def _cpu_rng_tracker_installed() -> bool:
+    """Patch 4 in effect: megatron's RNG tracker is its inference tracker."""
+    tracker = _current(("megatron.core.tensor_parallel.random", "_CUDA_RNG_STATE_TRACKER"))
+    return getattr(tracker, "is_inference_rng_tracker", False) is True
 
-    tracker = mrandom._CUDA_RNG_STATE_TRACKER
-    if tracker is not None and getattr(tracker, "is_inference_rng_tracker", False):
-        return
-    mrandom.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
+
+def _install_cpu_rng_tracker():
+    """Patch 4: megatron's inference RNG tracker (no CUDA generator needed). A later
+    ``model_parallel_cuda_manual_seed(seed)`` (without ``force_reset_rng``) keeps it and works too
+    (``torch.cuda.manual_seed`` is lazy)."""
+    mrandom = _target("megatron.core.tensor_parallel.random", "initialize_rng_tracker", "_CUDA_RNG_STATE_TRACKER")
+    if not _cpu_rng_tracker_installed():
+        mrandom.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
 
 
 def cpu_manual_seed(seed: int) -> None:
@@ -647,8 +631,8 @@ def _patch_target_missing(what: str, why: str = "not found") -> RuntimeError:
     """The error every patch raises when its target is gone: megatron-core changed under it."""
     return RuntimeError(
         f"providers.cpu_compat: CPU patch target {what} {why} in megatron-core {_mcore_version()} "
-        "(the patches were checked with megatron-core 0.16.1 and 0.19.2); the CPU build cannot run "
-        "on this megatron-core without updating providers/cpu_compat.py."
+        f"(the patches were checked with megatron-core {' and '.join(CHECKED_ON)}); the CPU build "
+        "cannot run on this megatron-core without updating providers/cpu_compat.py."
     )
 
 
@@ -679,78 +663,104 @@ def _set_module_torch(module_name: str, proxy, allowed=()) -> None:
                                     f"is {current!r}, not the torch module")
 
 
+def code_names(code: types.CodeType) -> set:
+    """The global and attribute names `code` reads, its nested functions' and comprehensions' too."""
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= code_names(const)
+    return names
+
+
 def _require_global_uses(module, names, *functions) -> None:
     """Each of `names` is a global that one of `functions` (or a method of a class among them)
-    looks up: the module globals patched below are what megatron's code actually calls."""
+    looks up: the module globals patched (or, for the CPU Mamba mixer, read differently) are what
+    megatron's code actually calls."""
     used = set()
     for f in functions:
         for attr in (vars(f).values() if isinstance(f, type) else (f,)):
             code = getattr(getattr(attr, "__func__", attr), "__code__", None)  # staticmethods too
             if code is not None:
-                used.update(code.co_names)
+                used |= code_names(code)
     for name in names:
         if name not in used:
             raise _patch_target_missing(f"{module.__name__}.{name}", "is no longer used by the code the patch is for")
 
 
-def apply_cpu_patches() -> bool:
-    """Apply all CPU accommodations (see the module docstring). Idempotent.
+# --------------------------------------------------------------------------- the patches
+# A patch target: (module name, attribute), or (module name, None) for the module itself in
+# sys.modules.
+Target = Tuple[str, Optional[str]]
+_MISSING = object()
 
-    Returns True if the patches are (now) in place, False when CUDA is available (nothing done).
-    Raises RuntimeError, naming the megatron-core version and the target, when a patch's target is
-    missing from this megatron-core.
-    """
-    global _APPLIED
-    if torch.cuda.is_available():
-        return False
-    if _APPLIED:
-        return True
 
-    # 1. triton tensor_ops stand-in, before anything imports the Mamba mixer.
-    _install_triton_tensor_ops_stub()
+def _current(target: Target):
+    """What `target` is now (`_MISSING` if absent); imports nothing."""
+    module_name, attribute = target
+    module = sys.modules.get(module_name, _MISSING)
+    return module if attribute is None else getattr(module, attribute, _MISSING)
 
-    # 2. torch.cuda proxy in the modules that allocate on / synchronise with the current device.
-    # (3 and 8 are gone: see the module docstring.)
+
+@dataclass(frozen=True)
+class Patch:
+    """One patch of megatron-core that the CPU build still needs."""
+
+    number: int  # as the earlier docs and the README name it
+    targets: Tuple[Target, ...]  # what it replaces
+    why: str
+    apply: Callable[[], None]  # idempotent; RuntimeError (version, target) when a target is gone
+    applied: Callable[[], bool]  # whether every target is replaced now (looks at the targets only)
+    checked_on: Tuple[str, ...] = CHECKED_ON  # megatron-core releases
+    training: bool = False  # applied by apply_cpu_training_patches (the examples), not apply_cpu_patches
+
+    def summary(self) -> str:
+        """The entry as the module docstring lists it."""
+        targets = ", ".join(m if a is None else f"{m}.{a}" for m, a in self.targets)
+        head = f"{self.number}. {'Training only. ' if self.training else ''}Replaces {targets}."
+        checked = f"Checked on megatron-core {', '.join(self.checked_on)}."
+        return "\n".join(textwrap.fill(text, 100, initial_indent=indent, subsequent_indent="   ")
+                         for text, indent in ((head, ""), (f"{self.why} {checked}", "   ")))
+
+
+def _torch_proxied(module_names, proxy_type) -> bool:
+    """Every module of `module_names` allocates with a `proxy_type` instead of torch."""
+    return all(isinstance(_current((name, "torch")), proxy_type) for name in module_names)
+
+
+def _install_cuda_proxies() -> None:
+    """Patch 2."""
     for name in _CUDA_PROXY_MODULES:
         _set_module_torch(name, _CPU_TORCH)
 
-    # 4. RNG tracker (megatron's own inference tracker).
-    _target("megatron.core.tensor_parallel.random", "initialize_rng_tracker", "_CUDA_RNG_STATE_TRACKER")
-    _install_cpu_rng_tracker()
 
-    # 5. te_general_gemm NameError in the router GEMM: 0.16.1 binds the name only when TE imports
-    # (0.19.2 binds it to None without TE, then nothing is to be done).
-    moe_utils = _target("megatron.core.transformer.moe.moe_utils", "RouterGatingLinearFunction")
+_TE_GENERAL_GEMM = ("megatron.core.transformer.moe.moe_utils", "te_general_gemm")
+
+
+def _bind_te_general_gemm() -> None:
+    """Patch 5: 0.16.1 binds the name only when TE imports (0.19.2 binds it to None without TE)."""
+    moe_utils = _target(_TE_GENERAL_GEMM[0], "RouterGatingLinearFunction")
     _require_global_uses(moe_utils, ["te_general_gemm"], moe_utils.RouterGatingLinearFunction)
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
 
-    # 6. alltoall split sizes as host numpy arrays.
-    token_dispatcher = _target("megatron.core.transformer.moe.token_dispatcher", "maybe_move_tensor_to_cpu")
+
+_MAYBE_MOVE_TENSOR_TO_CPU = ("megatron.core.transformer.moe.token_dispatcher", "maybe_move_tensor_to_cpu")
+
+
+def _install_host_split_sizes() -> None:
+    """Patch 6."""
+    token_dispatcher = _target(*_MAYBE_MOVE_TENSOR_TO_CPU)
     token_dispatcher.maybe_move_tensor_to_cpu = _maybe_move_tensor_to_cpu_cpu
 
-    # 7. Mamba mixer without mamba-ssm.
-    mamba_mixer = _target("megatron.core.ssm.mamba_mixer", "HAVE_MAMBA_SSM", "RMSNormGated", "ExtendedRMSNorm",
-                          "MambaMixer")
-    _require_global_uses(mamba_mixer, ["HAVE_MAMBA_SSM", "ExtendedRMSNorm", "mamba_chunk_scan_combined",
-                                       "mamba_split_conv1d_scan_combined"], mamba_mixer.MambaMixer)
-    if not mamba_mixer.HAVE_MAMBA_SSM:
-        mamba_mixer.HAVE_MAMBA_SSM = True
-        mamba_mixer.RMSNormGated = GatedRMSNorm
-        mamba_mixer.ExtendedRMSNorm = ExtendedRMSNorm
-        mamba_mixer.mamba_chunk_scan_combined = mamba_chunk_scan_combined
-        mamba_mixer.mamba_split_conv1d_scan_combined = (
-            _mamba_split_conv1d_scan_combined_unavailable
-        )
 
-    # 9. pipeline schedules' literal device="cuda" token counter.
-    _set_module_torch("megatron.core.pipeline_parallel.schedules", _CPU_TORCH_NO_CUDA_LITERALS)
-
-    _APPLIED = True
-    return True
+_SCHEDULES = "megatron.core.pipeline_parallel.schedules"
 
 
-# --------------------------------------------------------------------------- 10. training
+def _install_schedules_proxy() -> None:
+    """Patch 9."""
+    _set_module_torch(_SCHEDULES, _CPU_TORCH_NO_CUDA_LITERALS)
+
+
 # megatron-core modules of the training path (DDP grad buffers, optimizer, grad clipping) that
 # allocate with `torch.cuda.current_device()` or a literal `device="cuda"`.
 _TRAINING_CUDA_MODULES = (
@@ -762,43 +772,140 @@ _TRAINING_CUDA_MODULES = (
     "megatron.core.optimizer.grad_scaler",
     "megatron.core.utils",  # local_multi_tensor_l2_norm (grad norm without apex / TE)
 )
+_CLIP_GRAD = ("megatron.core.optimizer.optimizer", "clip_grad_by_total_norm_fp32")
+
+
+def _clip_grad_by_total_norm_cpu(parameters, max_norm, total_norm, use_decoupled_grad=False):
+    """megatron's clip_grad_by_total_norm_fp32 without its `torch.cuda.FloatTensor` assert."""
+    attr = "decoupled_grad" if use_decoupled_grad else "grad"
+    grads = [getattr(p, attr).detach() for p in parameters if getattr(p, attr, None) is not None]
+    coeff = max_norm / (total_norm + 1.0e-6)
+    if coeff < 1.0 and grads:
+        torch._foreach_mul_(grads, coeff)
+
+
+def _install_training_patches() -> None:
+    """Patch 10 (patch 2's proxy of megatron.core.utils is replaced too)."""
+    _target(*_CLIP_GRAD).clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_cpu
+    for name in _TRAINING_CUDA_MODULES:
+        _set_module_torch(name, _CPU_TORCH_NO_CUDA_LITERALS, allowed=(_CpuTorch,))
+
+
+def _training_patches_in_effect() -> bool:
+    return (_torch_proxied(_TRAINING_CUDA_MODULES, _CpuTorchNoCudaLiterals)
+            and _current(_CLIP_GRAD) is _clip_grad_by_total_norm_cpu)
+
+
+# Every patch that remains, in the order they are applied (patch 1 before anything imports the Mamba
+# mixer). 3, 7 and 8 are extension points of providers.layer_specs now.
+PATCHES: Tuple[Patch, ...] = (
+    Patch(
+        number=1,
+        targets=((_TRITON_TENSOR_OPS, None),),
+        why="The Mamba mixer imports three triton kernels from this module at import time, and "
+        "`import triton` fails without triton. A stand-in module whose functions raise "
+        "NotImplementedError is registered only when the real import fails (with triton installed, "
+        "as beside 0.19.2 here, the real module is used); the kernels serve dynamic-batching "
+        "inference only, which the CPU build does not support.",
+        apply=_install_triton_tensor_ops_stub,
+        applied=_triton_tensor_ops_importable,
+    ),
+    Patch(
+        number=2,
+        targets=tuple((name, "torch") for name in _CUDA_PROXY_MODULES),
+        why="These modules allocate with `device=torch.cuda.current_device()` (Mamba mixer "
+        "parameters, router buffers, tensor-parallel linears and mappings, GlobalMemoryBuffer, "
+        "KV caches, softmax offset, pipeline p2p shape buffers) or use CUDA streams, events and "
+        "`synchronize` (alltoall dispatcher, dist-checkpoint writer). Their module-global `torch` "
+        "becomes a proxy that is torch except that `torch.cuda.current_device()` is the default "
+        "device (cpu, or meta under `torch.device('meta')`) and streams, events and synchronize "
+        "are no-ops. The global torch.cuda is left alone.",
+        apply=_install_cuda_proxies,
+        applied=functools.partial(_torch_proxied, _CUDA_PROXY_MODULES, _CpuTorch),
+    ),
+    Patch(
+        number=4,
+        targets=(("megatron.core.tensor_parallel.random", "_CUDA_RNG_STATE_TRACKER"),),
+        why="`model_parallel_cuda_manual_seed` seeds and forks CUDA generators. megatron's own "
+        "inference tracker (`initialize_rng_tracker(inference_rng_tracker=True)`: no-op "
+        "add/set_states, a null fork) is installed, so parameter init and dropout draw from the "
+        "CPU generator (seed it with `torch.manual_seed` or `cpu_manual_seed`).",
+        apply=_install_cpu_rng_tracker,
+        applied=_cpu_rng_tracker_installed,
+    ),
+    Patch(
+        number=5,
+        targets=(_TE_GENERAL_GEMM,),
+        why="The router's gating GEMM reads this name, which 0.16.1 binds only when TE imports "
+        "(NameError without TE). Bound to None, megatron's own fallback to torch.mm runs; 0.19.2 "
+        "binds it to None itself, then nothing is done.",
+        apply=_bind_te_general_gemm,
+        applied=lambda: _current(_TE_GENERAL_GEMM) is None,
+    ),
+    Patch(
+        number=6,
+        targets=(_MAYBE_MOVE_TENSOR_TO_CPU,),
+        why="The alltoall dispatcher relies on it to turn the split sizes into host numpy arrays, "
+        "but it acts on CUDA tensors only: on CPU `all_to_all_single` (EP > 1) and `.tolist()` "
+        "(TP splits) get tensors. The replacement returns numpy where megatron asks for it, for "
+        "CPU tensors too (checked with 2-process gloo runs, EP=2 and TP=2 with SP).",
+        apply=_install_host_split_sizes,
+        applied=lambda: _current(_MAYBE_MOVE_TENSOR_TO_CPU) is _maybe_move_tensor_to_cpu_cpu,
+    ),
+    Patch(
+        number=9,
+        targets=((_SCHEDULES, "torch"),),
+        why="Every pipeline schedule (no pipelining, 1F1B, interleaved) allocates its token "
+        "counter with a literal `torch.zeros([], device='cuda')`. Its module-global `torch` "
+        "becomes patch 2's proxy that also maps a literal device='cuda' to the default device; "
+        "with patch 2 on p2p_communication the schedules run over gloo (PP=2, and PP=2 x 2 "
+        "virtual stages, in tests/test_parallel_layouts.py).",
+        apply=_install_schedules_proxy,
+        applied=functools.partial(_torch_proxied, (_SCHEDULES,), _CpuTorchNoCudaLiterals),
+    ),
+    Patch(
+        number=10,
+        targets=tuple((name, "torch") for name in _TRAINING_CUDA_MODULES) + (_CLIP_GRAD,),
+        why="megatron's DDP grad buffers, optimizer, grad norm and grad scaler allocate on the "
+        "current CUDA device or a literal device='cuda': patch 9's proxy. "
+        "`clip_grad_by_total_norm_fp32` asserts CUDA tensors: a CPU version.",
+        apply=_install_training_patches,
+        applied=_training_patches_in_effect,
+        training=True,
+    ),
+)
+
+
+def _apply(training: bool) -> None:
+    for patch in PATCHES:
+        if patch.training == training:
+            patch.apply()
+
+
+def apply_cpu_patches() -> bool:
+    """Apply the patches of `PATCHES` not marked ``training`` (see the module docstring). Idempotent.
+
+    Returns True if the patches are (now) in place, False when CUDA is available (nothing done).
+    Raises RuntimeError, naming the megatron-core version and the target, when a patch's target is
+    missing from this megatron-core.
+    """
+    global _APPLIED
+    if torch.cuda.is_available():
+        return False
+    if not _APPLIED:
+        _apply(training=False)
+        _APPLIED = True
+    return True
 
 
 def apply_cpu_training_patches() -> None:
-    """On a machine without CUDA, point the `torch` of the training modules above at a proxy that
-    is `torch` except that `torch.cuda.current_device()` is the CPU and a literal `device="cuda"`
-    in `tensor`/`zeros`/`ones`/`empty`/`full` means the CPU (the same technique as
-    patches 2 / 9, for the modules the bridge itself never runs). Does
-    nothing when CUDA is available. Raises RuntimeError (megatron-core version, target) when a
-    target is missing."""
-    if torch.cuda.is_available():
-        return
-    apply_cpu_patches()
+    """On a machine without CUDA, `apply_cpu_patches()` and the training patches of `PATCHES`
+    (for the modules of megatron's training path, which the bridge itself never runs). Does nothing
+    when CUDA is available. Raises RuntimeError (megatron-core version, target) when a target is
+    missing."""
+    if apply_cpu_patches():
+        _apply(training=True)
 
-    class _TorchNoCuda(_CpuTorch):
-        pass
 
-    def _fix(fn):
-        def wrapped(*args, **kwargs):
-            device = kwargs.get("device")
-            if device is not None and torch.device(device).type == "cuda":
-                kwargs["device"] = torch.get_default_device()
-            return fn(*args, **kwargs)
-        return wrapped
-
-    proxy = _TorchNoCuda()
-    for name in ("tensor", "zeros", "ones", "empty", "full"):
-        setattr(proxy, name, _fix(getattr(torch, name)))
-    megatron_optimizer = _target("megatron.core.optimizer.optimizer", "clip_grad_by_total_norm_fp32")
-
-    def clip_grad_by_total_norm_cpu(parameters, max_norm, total_norm, use_decoupled_grad=False):
-        """megatron's clip_grad_by_total_norm_fp32 without its `torch.cuda.FloatTensor` assert."""
-        attr = "decoupled_grad" if use_decoupled_grad else "grad"
-        grads = [getattr(p, attr).detach() for p in parameters if getattr(p, attr, None) is not None]
-        coeff = max_norm / (total_norm + 1.0e-6)
-        if coeff < 1.0 and grads:
-            torch._foreach_mul_(grads, coeff)
-
-    megatron_optimizer.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_cpu
-    for name in _TRAINING_CUDA_MODULES:  # patch 2's proxy (megatron.core.utils) is replaced too
-        _set_module_torch(name, proxy, allowed=(_CpuTorch,))
+if __doc__ is not None:  # (python -OO)
+    __doc__ += "\n\n".join(patch.summary() for patch in PATCHES) + "\n"

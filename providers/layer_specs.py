@@ -18,6 +18,8 @@ the TE build's:
 * ``providers.cpu_compat.TorchNorm`` in place of ``TENorm``: the MoE layer's ``pre_mlp_layernorm``
   (a spec slot) and the stack's ``final_norm`` (hard-wired to TENorm in megatron's stack; built by
   the stack subclass `CpuHybridStack`).
+* `cpu_mamba_mixer`: megatron's ``MambaMixer`` where mamba-ssm is not installed, its methods
+  reading the pure-torch gated norm and SSD scan of ``providers.cpu_compat`` instead of mamba-ssm's.
 
 The non-TE spec needs ``providers.cpu_compat.apply_cpu_patches()`` on a machine without CUDA (it is
 called here; a no-op with CUDA). With TE grouped GEMM the experts are ``TEGroupedMLP``, whose
@@ -29,6 +31,7 @@ too. Both expert modules emit the same dist-checkpoint (sharded) keys.
 from __future__ import annotations
 
 import functools
+import types
 from dataclasses import replace
 
 import torch
@@ -158,18 +161,80 @@ class CpuHybridStack(HybridStack):
                 config=self.config, hidden_size=self.config.hidden_size, eps=self.config.layernorm_epsilon)
 
 
+def _mamba_ssm_stand_ins() -> dict:
+    """The globals of megatron's mixer module that stand for mamba-ssm (False, a norm built on a
+    ``MagicMock``, and no kernels where it is not installed), as `cpu_mamba_mixer` reads them."""
+    return {
+        "HAVE_MAMBA_SSM": True,  # MambaMixer.__init__ refuses to build when False
+        "ExtendedRMSNorm": cpu_compat.ExtendedRMSNorm,  # mixer.norm
+        "mamba_chunk_scan_combined": cpu_compat.mamba_chunk_scan_combined,  # _ssm_prefill's scan
+        # _ssm_training (use_mamba_mem_eff_path=True): an error that names the config field
+        "mamba_split_conv1d_scan_combined": cpu_compat.mamba_split_conv1d_scan_combined_unavailable,
+    }
+
+
+def _reading_globals(function: types.FunctionType, namespace: dict) -> types.FunctionType:
+    """`function` (its code, defaults and closure, so a zero-argument ``super()`` still means its own
+    class) looking its globals up in `namespace`."""
+    rebound = types.FunctionType(function.__code__, namespace, function.__name__, function.__defaults__,
+                                 function.__closure__)
+    rebound.__kwdefaults__ = function.__kwdefaults__
+    return functools.update_wrapper(rebound, function)
+
+
 @functools.lru_cache(maxsize=None)
-def config_eps_mamba_mixer():
-    """megatron-core's `MambaMixer` whose gated RMSNorm (`mixer.norm`) uses `config.layernorm_epsilon`.
+def cpu_mamba_mixer():
+    """megatron-core's `MambaMixer`, built and run without mamba-ssm (itself where it is installed).
+
+    Without mamba-ssm megatron's mixer module sets ``HAVE_MAMBA_SSM = False`` (``__init__`` refuses
+    to build), derives its ``ExtendedRMSNorm`` from a ``MagicMock`` and has no SSD scan. Former patch
+    7 set those module globals (``HAVE_MAMBA_SSM = True`` told every user of the module that
+    mamba-ssm was there). This subclass changes nothing in megatron's module: each method of
+    ``MambaMixer`` that reads one of `_mamba_ssm_stand_ins` is megatron's own function (code,
+    defaults, closure) looking its globals up in a copy of the module's namespace with those names
+    replaced (cpu_compat's `ExtendedRMSNorm` and `mamba_chunk_scan_combined`). No subclass method
+    written here could do that without copying megatron's ``__init__`` and ``_ssm_prefill``
+    (hundreds of lines, which differ between 0.16.1 and 0.19.2), and swapping the module globals
+    while the mixer builds would not be thread-safe. The copy is taken once, after
+    ``cpu_compat.apply_cpu_patches()`` (its ``torch`` is patch 2's proxy, as in the module). Raises
+    RuntimeError (megatron-core version, name) when megatron's mixer no longer reads one of the
+    names (checked on megatron-core `cpu_compat.CHECKED_ON`)."""
+    cpu_compat.apply_cpu_patches()  # the triton stand-in before the mixer module is imported
+    from megatron.core.ssm import mamba_mixer
+
+    mixer = mamba_mixer.MambaMixer
+    if mamba_mixer.HAVE_MAMBA_SSM:
+        return mixer
+    stand_ins = _mamba_ssm_stand_ins()
+    cpu_compat._require_global_uses(mamba_mixer, stand_ins, mixer)
+    namespace = {**vars(mamba_mixer), **stand_ins}
+    methods = {name: _reading_globals(f, namespace) for name, f in vars(mixer).items()
+               if isinstance(f, types.FunctionType) and cpu_compat.code_names(f.__code__) & stand_ins.keys()}
+    return type("CpuMambaMixer", (mixer,), {"__module__": __name__, "__qualname__": "CpuMambaMixer",
+                                            "__doc__": cpu_mamba_mixer.__doc__, **methods})
+
+
+def config_eps_mamba_mixer(cpu: bool = False):
+    """megatron-core's `MambaMixer` (`cpu_mamba_mixer()` with `cpu`) whose gated RMSNorm
+    (`mixer.norm`) uses `config.layernorm_epsilon`.
 
     megatron-core (0.16.1 and 0.19.2) builds that norm with a literal `eps=1e-5`, while transformers'
     NemotronH uses the config's `layer_norm_epsilon` there as in every other norm: with another eps
     the logits differed by 0.1 (1e-6) to 2.2 (1e-2). Both norms megatron may build (mamba-ssm's
     `RMSNorm` and the CPU build's `GatedRMSNorm`) read `self.eps` at every call. Made on first use:
     on a CPU, importing the mixer needs the CPU accommodations in place."""
+    if cpu:
+        return _config_eps_mixer(cpu_mamba_mixer())
     from megatron.core.ssm.mamba_mixer import MambaMixer
 
-    class ConfigEpsMambaMixer(MambaMixer):
+    return _config_eps_mixer(MambaMixer)
+
+
+@functools.lru_cache(maxsize=None)
+def _config_eps_mixer(base):
+    """`config_eps_mamba_mixer` on `base` (one class per base)."""
+
+    class ConfigEpsMambaMixer(base):
         def __init__(self, config, *args, **kwargs):
             super().__init__(config, *args, **kwargs)
             if getattr(self, "norm", None) is not None:
@@ -230,7 +295,7 @@ def _cpu_stack_spec():
                 module=MambaLayer,
                 submodules=MambaLayerSubmodules(
                     mixer=ModuleSpec(
-                        module=config_eps_mamba_mixer(),
+                        module=config_eps_mamba_mixer(cpu=True),
                         submodules=MambaMixerSubmodules(
                             in_proj=ln_linear, out_proj=RowParallelLinear
                         ),
