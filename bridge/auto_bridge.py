@@ -16,16 +16,14 @@ from conversion.errors import ConversionError
 from conversion.hf_paths import resolve_hf_path
 from conversion import omni
 from conversion.nemotron_h import Rule, language_model_rules
+from conversion.dtypes import FLAGS, dtype_from_name, dtype_name
 from conversion.safetensors_io import (
-    INDEX_NAME, PICKLE_NAMES, HFCheckpoint, atomic_output_dir, dtype_from_name, dtype_name, plan_shards,
-    write_hf_weights,
+    INDEX_NAME, PICKLE_NAMES, HFCheckpoint, atomic_output_dir, plan_shards, write_hf_weights,
 )
 from conversion.transforms import Dims, Kind, to_hf, to_megatron
 from bridge import weights as W
 from bridge.parallel import ensure_parallel_state
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
-          "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 MAX_SHARD_BYTES = 5 * 1024**3
 
 
@@ -130,7 +128,8 @@ class AutoBridge:
         if self._has_weights():
             return dtype_from_name(self.manifest[self.hf_names()[0]]["dtype"])
         name = self.config.text.get("dtype") or self.config.text.get("torch_dtype") or "bfloat16"
-        return DTYPES.get(name, torch.bfloat16)
+        # a parameter dtype: one a --dtype flag names (else bf16)
+        return dtype_from_name(name) if FLAGS.get(name, name) in FLAGS.values() else torch.bfloat16
 
     def provider_fields(self) -> Dict[str, Any]:
         return hf_config.provider_fields(self.config)

@@ -667,7 +667,8 @@ def convert_megatron_to_hf(bridge, src: Path, output: Path, overwrite: bool = Fa
     """
     from bridge import checkpoint
     from bridge.parallel import broadcast_from_rank0
-    from conversion.safetensors_io import SafetensorsWriter, atomic_output_dir, dtype_from_name
+    from conversion.dtypes import dtype_from_name
+    from conversion.safetensors_io import SafetensorsWriter, atomic_output_dir
 
     rank, ranks = world()
     meta = checkpoint.read_meta(src)

@@ -25,6 +25,7 @@ from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 
+from conversion.dtypes import dtype_name
 from conversion.errors import ConversionError
 from conversion.nemotron_h import LAYER_PREFIX_HF, language_model_rules
 
@@ -158,18 +159,14 @@ def check_tensors(where: str, shapes: Dict[str, Shape], dtypes: Dict[str, torch.
         if dtype == torch.int64 and INTEGER_TENSORS.search(name):
             continue  # Omni: batch-norm counters, RADIO summary_idxs
         if main is None or (dtype != main and dtype != torch.float32):
-            allowed = ("a floating-point dtype" if main is None else f"{_dname(main)} (the checkpoint's dtype)"
+            allowed = ("a floating-point dtype" if main is None else f"{dtype_name(main)} (the checkpoint's dtype)"
                        + (" or float32" if main != torch.float32 else ""))
-            raise ConversionError(f"{loc(name)}: tensor {name!r} has dtype {_dname(dtype)}, expected {allowed}")
+            raise ConversionError(f"{loc(name)}: tensor {name!r} has dtype {dtype_name(dtype)}, expected {allowed}")
     for name, (shape, formula) in expected.items():
         if tuple(shapes[name]) != tuple(shape):
             raise ConversionError(f"{loc(name)}: tensor {name!r} has shape {_fmt(shapes[name])}, but config.json "
                                   f"gives {_fmt(shape)} = {formula}")
     return main
-
-
-def _dname(dtype) -> str:
-    return str(dtype).replace("torch.", "")
 
 
 def output_bytes(shapes: Dict[str, Shape], dtypes: Dict[str, torch.dtype], target: Optional[torch.dtype] = None) -> int:

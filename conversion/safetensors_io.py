@@ -33,6 +33,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 from conversion.direct_io import PAGE, DirectFile
+from conversion.dtypes import SAFETENSORS, dtype_from_safetensors, dtype_name, safetensors_dtype
 from conversion.errors import ConversionError
 from conversion.hf_paths import checkpoint_member
 
@@ -40,34 +41,6 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.bin")
 
-# safetensors dtype strings <-> torch dtypes (the ones checkpoints of this model use, plus ints).
-_ST_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-_TORCH_TO_NAME = {
-    torch.float64: "float64", torch.float32: "float32", torch.float16: "float16",
-    torch.bfloat16: "bfloat16", torch.int64: "int64", torch.int32: "int32", torch.int16: "int16",
-    torch.int8: "int8", torch.uint8: "uint8", torch.bool: "bool",
-}
-_NAME_TO_TORCH = {v: k for k, v in _TORCH_TO_NAME.items()}
-_TORCH_TO_ST = {v: k for k, v in _ST_DTYPES.items()}
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return _TORCH_TO_NAME[dtype]
-
-
-def dtype_from_name(name: str) -> torch.dtype:
-    try:
-        return _NAME_TO_TORCH[name]
-    except KeyError:
-        raise ConversionError(f"unknown dtype {name!r}; expected one of {sorted(_NAME_TO_TORCH)}") from None
-
-
-_ST_ELEMENT_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-                     "BOOL": 1}
 _MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
 
 
@@ -115,15 +88,13 @@ def _read_header(path: Path) -> Dict[str, Tuple[str, Tuple[int, ...], int]]:
         except (TypeError, KeyError, ValueError):
             raise ConversionError(f"{path}: corrupt safetensors header: entry for tensor {name!r} needs "
                                   "'dtype', 'shape' and 'data_offsets' [begin, end]") from None
-        if st_dtype not in _ST_ELEMENT_BYTES:
+        if st_dtype not in SAFETENSORS.values():
             raise ConversionError(f"{path}: tensor {name!r} has unsupported dtype {st_dtype!r} "
-                                  f"(expected one of {sorted(_ST_ELEMENT_BYTES)})")
-        numel = 1
-        for d in shape:
-            numel *= d
-        if stop - begin != numel * _ST_ELEMENT_BYTES[st_dtype]:
+                                  f"(expected one of {sorted(SAFETENSORS.values())})")
+        nbytes = nbytes_of(shape, dtype_from_safetensors(st_dtype))
+        if stop - begin != nbytes:
             raise ConversionError(f"{path}: corrupt safetensors header: tensor {name!r} {st_dtype} {list(shape)} "
-                                  f"needs {numel * _ST_ELEMENT_BYTES[st_dtype]} bytes, its data offsets give {stop - begin}")
+                                  f"needs {nbytes} bytes, its data offsets give {stop - begin}")
         end = max(end, stop)
         out[name] = (st_dtype, tuple(shape), 8 + n + begin)
     data = size - 8 - n
@@ -235,7 +206,7 @@ class HFCheckpoint:
                 if name not in header:
                     raise ConversionError(f"{self.root / file_name}: tensor {name!r} listed in the index is missing")
                 st_dtype, shape, _ = header[name]
-                self._meta[name] = (_ST_DTYPES[st_dtype], shape)
+                self._meta[name] = (dtype_from_safetensors(st_dtype), shape)
             unlisted = sorted(n for n in header if self.weight_map.get(n) != file_name)
             if unlisted:
                 where = f"{INDEX_NAME} lists it in {self.weight_map[unlisted[0]]!r}" if unlisted[0] in self.weight_map \
@@ -423,7 +394,7 @@ class SafetensorsWriter:
             for n in names:
                 _, dtype, shape = specs[n]
                 nbytes = nbytes_of(shape, dtype)
-                entries[n] = {"dtype": _TORCH_TO_ST[dtype], "shape": list(shape), "data_offsets": [pos, pos + nbytes]}
+                entries[n] = {"dtype": safetensors_dtype(dtype), "shape": list(shape), "data_offsets": [pos, pos + nbytes]}
                 pos += nbytes
             header = json.dumps({"__metadata__": {"format": "pt"}, **entries}, separators=(",", ":")).encode()
             header += b" " * ((_data_start_residue(entries, origins) - 8 - len(header)) % PAGE)

@@ -72,7 +72,8 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DTYPES, print0, quiet  # noqa: E402
+from _common import print0, quiet  # noqa: E402
+from conversion.dtypes import FLAGS, dtype_from_name  # noqa: E402
 from providers.cpu_compat import apply_cpu_training_patches  # noqa: E402
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -97,7 +98,7 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ep", type=int, default=1)
     p.add_argument("--cp", type=int, default=1)
     p.add_argument("--etp", type=int, default=None, help="expert tensor parallel size (default: --tp, as megatron)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: the checkpoint's dtype")
+    p.add_argument("--dtype", choices=sorted(FLAGS), default=None, help="default: the checkpoint's dtype")
     p.add_argument("--seed", type=int, default=1234)
 
 
@@ -498,7 +499,7 @@ def save_checkpoint(bridge, chunks, optimizer, iteration: int, output: Path, lay
     from bridge import checkpoint
     from bridge.auto_bridge import _is_weight_file
     from bridge.weights import model_chunks
-    from conversion.safetensors_io import dtype_name
+    from conversion.dtypes import dtype_name
 
     rank = dist.get_rank()
     sub = output / f"iter_{iteration:07d}"
@@ -603,7 +604,7 @@ def main(argv=None) -> int:
 
     torch.manual_seed(args.seed)
     bridge = AutoBridge.from_hf_pretrained(args.hf_path)
-    provider = bridge.to_megatron_provider(DTYPES[args.dtype] if args.dtype else None)
+    provider = bridge.to_megatron_provider(dtype_from_name(args.dtype) if args.dtype else None)
     provider.perform_initialization = False  # every weight comes from the checkpoint
     configure_provider(provider, args)
     for name in FREEZABLE:
