@@ -17,9 +17,9 @@ from conversion.hf_paths import resolve_hf_path
 from conversion import omni
 from conversion.nemotron_h import Rule, language_model_rules
 from conversion.dtypes import FLAGS, dtype_from_name, dtype_name
-from conversion.safetensors_io import (
-    INDEX_NAME, PICKLE_NAMES, HFCheckpoint, atomic_output_dir, plan_shards, write_hf_weights,
-)
+from conversion.hf_writer import plan_shards, write_hf_weights
+from conversion.output_dir import atomic_output_dir
+from conversion.safetensors_io import INDEX_NAME, PICKLE_NAMES, HFCheckpoint
 from conversion.transforms import Dims, Kind, to_hf, to_megatron
 from bridge import weights as W
 from bridge.parallel import ensure_parallel_state
@@ -361,7 +361,7 @@ class AutoBridge:
         """
         from bridge import checkpoint
         from conversion import integrity
-        from conversion.safetensors_io import finalize_outputs_with
+        from conversion.output_dir import finalize_outputs_with
 
         meta = {
             "hf_config": self.config.raw,

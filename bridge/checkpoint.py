@@ -24,7 +24,7 @@ from megatron.core import dist_checkpointing
 from conversion.errors import ConversionError
 from conversion.integrity import META_FORMAT, META_NAME, read_meta  # noqa: F401 - re-exported
 from conversion.safe_pickle import check_dist_checkpoint
-from conversion.safetensors_io import atomic_output_dir
+from conversion.output_dir import atomic_output_dir
 from providers.megatron_imports import add_common_state_file, common_load_kwargs
 
 TRACKER_NAME = "latest_checkpointed_iteration.txt"

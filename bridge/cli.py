@@ -123,7 +123,8 @@ def _preflight_hf(args: argparse.Namespace):
     """Every check of an HF input that needs no megatron and reads no tensor data."""
     from conversion import hf_config, omni, preflight
     from conversion.hf_paths import resolve_hf_path
-    from conversion.safetensors_io import HFCheckpoint, check_free_space, check_output_path, dir_bytes
+    from conversion.output_dir import check_free_space, check_output_path, dir_bytes
+    from conversion.safetensors_io import HFCheckpoint
 
     hf = args.hf_path = resolve_hf_path(args.hf_path)  # a local directory, or a hub id in the hub cache
     check_output_path(args.output, args.overwrite, inputs=[hf])
@@ -189,7 +190,7 @@ def _hf_to_mcore(args: argparse.Namespace) -> None:
 def _preflight_mcore(args: argparse.Namespace) -> dict:
     """Every check of a converted Megatron checkpoint that needs no megatron: meta, output, disk, file sizes."""
     from conversion import integrity, preflight
-    from conversion.safetensors_io import check_free_space, check_output_path, dir_bytes
+    from conversion.output_dir import check_free_space, check_output_path, dir_bytes
 
     src = _input_dir(args.mcore_path, "a Megatron checkpoint directory written by convert-hf-to-mcore")
     meta = integrity.read_meta(src)

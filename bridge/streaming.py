@@ -668,7 +668,8 @@ def convert_megatron_to_hf(bridge, src: Path, output: Path, overwrite: bool = Fa
     from bridge import checkpoint
     from bridge.parallel import broadcast_from_rank0
     from conversion.dtypes import dtype_from_name
-    from conversion.safetensors_io import SafetensorsWriter, atomic_output_dir
+    from conversion.hf_writer import SafetensorsWriter
+    from conversion.output_dir import atomic_output_dir
 
     rank, ranks = world()
     meta = checkpoint.read_meta(src)
