@@ -23,6 +23,7 @@ from conversion.safetensors_io import INDEX_NAME, PICKLE_NAMES, HFCheckpoint
 from conversion.transforms import Dims, Kind, to_hf, to_megatron
 from bridge import weights as W
 from bridge.parallel import ensure_parallel_state
+from bridge.ranks import world
 
 MAX_SHARD_BYTES = 5 * 1024**3
 
@@ -276,10 +277,10 @@ class AutoBridge:
         writes (into a hidden temporary sibling renamed into place at the end). A refused output
         path or a failed write on rank 0 is raised on every rank.
         """
-        from bridge.parallel import broadcast_from_rank0
+        from bridge.ranks import broadcast_from_rank0
 
         path = Path(path)
-        rank = dist.get_rank() if dist.is_initialized() else 0
+        rank = world()[0]
         refused = None
         if rank == 0 and path.exists() and not (path.is_dir() and not any(path.iterdir())) and not overwrite:
             refused = f"{path}: output path exists and is not empty (pass --overwrite to replace it)"
@@ -373,7 +374,7 @@ class AutoBridge:
             "layout": layout or {},
             "checksums_file": integrity.CHECKSUMS_NAME,  # every file of the checkpoint (conversion/integrity.py)
         }
-        if hf_checksums is None and self.hf_dir is not None and (not dist.is_initialized() or dist.get_rank() == 0):
+        if hf_checksums is None and self.hf_dir is not None and world()[0] == 0:
             hf_checksums = integrity.in_background(integrity.checksums, self.hf_dir, self.source_files()).result
 
         def full_meta() -> Dict[str, Any]:

@@ -59,10 +59,10 @@ def save(state: Callable[[], Dict], path: Path, meta: Callable[[], Dict], assets
     that every rank succeeded) rank 0 renames it into place and tells every rank how that went. Any
     failure is raised on every rank and leaves no output directory.
     """
-    from bridge.parallel import broadcast_from_rank0
+    from bridge.ranks import broadcast_from_rank0, world
 
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    multi = dist.is_initialized() and dist.get_world_size() > 1
+    rank, size = world()
+    multi = size > 1
     if rank != 0:
         tmp_or_error = broadcast_from_rank0(None)
         if isinstance(tmp_or_error, Exception):
@@ -129,7 +129,7 @@ def on_rank0(step: Optional[Callable[[], None]]) -> None:
     """Rank 0 runs `step` (the other ranks pass None) and every rank learns how it went: all return
     when it succeeded; when it failed, rank 0 raises its own exception and the others a
     ConversionError with its message. (Without a multi-rank group: just `step()`.)"""
-    from bridge.parallel import broadcast_from_rank0
+    from bridge.ranks import broadcast_from_rank0
 
     if step is None:
         failure = broadcast_from_rank0(None)

@@ -176,7 +176,8 @@ def _hf_to_mcore(args: argparse.Namespace) -> None:
         check_layout(hf_config.provider_fields(cfg), tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp, vpp=args.vpp)
 
         from bridge import AutoBridge
-        from bridge.streaming import convert_hf_to_megatron, world
+        from bridge.ranks import world
+        from bridge.streaming import convert_hf_to_megatron
 
         bridge = AutoBridge.from_hf_pretrained(args.hf_path, config=cfg, checkpoint=ckpt)
     layout = {"tp": args.tp, "pp": args.pp, "ep": args.ep, "etp": args.etp, "vpp": args.vpp}
@@ -222,7 +223,8 @@ def _mcore_to_hf(args: argparse.Namespace) -> None:
             verified = integrity.in_background(integrity.verify_megatron_checkpoint, Path(args.mcore_path), meta)
         _import_megatron()
         from bridge import AutoBridge
-        from bridge.streaming import convert_megatron_to_hf, world
+        from bridge.ranks import world
+        from bridge.streaming import convert_megatron_to_hf
 
         bridge = AutoBridge.from_megatron_checkpoint(args.mcore_path, verify=False)
     convert_megatron_to_hf(bridge, Path(args.mcore_path), Path(args.output), overwrite=args.overwrite,

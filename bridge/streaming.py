@@ -47,7 +47,6 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
@@ -61,6 +60,7 @@ from torch.distributed.checkpoint.planner import WriteItemType
 from torch.overrides import TorchFunctionMode
 
 from bridge.checkpoint import capture_error, first_rank_error
+from bridge.ranks import broadcast_from_rank0, ensure_process_group, gather
 from conversion import direct_io, integrity
 from conversion.direct_io import PAGE, DirectStream, buffer_address
 from conversion.errors import ConversionError
@@ -142,14 +142,6 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-
-
-def world() -> Tuple[int, int]:
-    """(rank, world size), creating the process group first if needed (torchrun's, or one process)."""
-    from bridge.parallel import ensure_process_group
-
-    ensure_process_group()
-    return dist.get_rank(), dist.get_world_size()
 
 
 def meta_model(bridge, dtype: torch.dtype, padded_vocab: Optional[int] = None):
@@ -479,12 +471,7 @@ class _OnDemandStrategy(TorchDistSaveShardedStrategy):
             self.planner.finish_writing()
         if self.planner.failure is not None:
             raise self.planner.failure
-        mine = (writer.fs.digests, self.source_sums_of_rank())
-        everyone = [mine]
-        if world()[1] > 1:
-            everyone = [None] * world()[1]
-            dist.all_gather_object(everyone, mine)
-        for digests, source_sums in everyone:
+        for digests, source_sums in gather((writer.fs.digests, self.source_sums_of_rank())):
             self.digests.update(digests)
             self.source_sums.update(source_sums)
 
@@ -498,7 +485,7 @@ def convert_hf_to_megatron(bridge, output: Path, dtype: Optional[torch.dtype] = 
     CLI starts it before importing megatron, see `integrity.share_checksums_in_background`)."""
     from bridge import checkpoint
 
-    rank, ranks = world()
+    rank, ranks = ensure_process_group()
     model = meta_model(bridge, dtype or bridge.default_dtype())
     state = checkpoint.sharded_state(model)
     sources, mine = plan_hf_to_megatron(state["model"], rank, ranks)
@@ -666,12 +653,11 @@ def convert_megatron_to_hf(bridge, src: Path, output: Path, overwrite: bool = Fa
     and renames the directory into place once every rank succeeded.
     """
     from bridge import checkpoint
-    from bridge.parallel import broadcast_from_rank0
     from conversion.dtypes import dtype_from_name
     from conversion.hf_writer import SafetensorsWriter
     from conversion.output_dir import atomic_output_dir
 
-    rank, ranks = world()
+    rank, ranks = ensure_process_group()
     meta = checkpoint.read_meta(src)
     if verified is None and rank == 0:
         verified = integrity.in_background(integrity.verify_megatron_checkpoint, src, meta)

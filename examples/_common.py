@@ -39,9 +39,9 @@ def quiet() -> None:
 
 
 def rank() -> int:
-    import torch.distributed as dist
+    from bridge.ranks import world
 
-    return dist.get_rank() if dist.is_initialized() else 0
+    return world()[0]
 
 
 def print0(*args, **kwargs) -> None:

@@ -128,13 +128,13 @@ def parse_args(argv=None):
 def init_parallel(args) -> Dict[str, int]:
     from megatron.core import parallel_state as ps
 
-    from bridge.parallel import ensure_process_group, ensure_parallel_state
+    from bridge.parallel import ensure_parallel_state
+    from bridge.ranks import ensure_process_group
 
-    ensure_process_group()
+    _, world = ensure_process_group()
     if args.cp > 1 and not torch.cuda.is_available():
         raise SystemExit("error: --cp > 1 needs Transformer Engine's attention (GPU): megatron-core 0.16.1's local "
                          "DotProductAttention, the one the CPU build uses, asserts context_parallel_size == 1")
-    world = dist.get_world_size()
     if world % (args.tp * args.pp * args.cp):
         raise SystemExit(f"error: world size {world} is not divisible by TP={args.tp} x PP={args.pp} x CP={args.cp}")
     if not ps.model_parallel_is_initialized():
@@ -499,9 +499,10 @@ def save_checkpoint(bridge, chunks, optimizer, iteration: int, output: Path, lay
     from bridge import checkpoint
     from bridge.auto_bridge import _is_weight_file
     from bridge.weights import model_chunks
+    from bridge.ranks import world
     from conversion.dtypes import dtype_name
 
-    rank = dist.get_rank()
+    rank = world()[0]
     sub = output / f"iter_{iteration:07d}"
     if rank == 0:
         sub.mkdir(parents=True, exist_ok=True)
