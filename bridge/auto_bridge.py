@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
@@ -17,19 +15,15 @@ from conversion.hf_paths import resolve_hf_path
 from conversion import omni
 from conversion.nemotron_h import Rule, language_model_rules
 from conversion.dtypes import FLAGS, dtype_from_name, dtype_name
-from conversion.hf_writer import plan_shards, write_hf_weights
-from conversion.output_dir import atomic_output_dir
-from conversion.safetensors_io import INDEX_NAME, PICKLE_NAMES, HFCheckpoint
+from conversion.hf_writer import plan_shards, write_config_and_assets, write_hf_weights
+from conversion.safetensors_io import HFCheckpoint
 from conversion.transforms import Dims, Kind, to_hf, to_megatron
 from bridge import weights as W
 from bridge.parallel import ensure_parallel_state
+from bridge.output import output_transaction
 from bridge.ranks import world
 
 MAX_SHARD_BYTES = 5 * 1024**3
-
-
-def _is_weight_file(name: str) -> bool:
-    return name.endswith(".safetensors") or name == INDEX_NAME or name in PICKLE_NAMES
 
 
 class AutoBridge:
@@ -274,48 +268,35 @@ class AutoBridge:
         """Write config.json, the safetensors weights (+ index) and the non-weight assets.
 
         Under torchrun every rank calls it; the tensors are gathered to global rank 0, which alone
-        writes (into a hidden temporary sibling renamed into place at the end). A refused output
-        path or a failed write on rank 0 is raised on every rank.
+        writes, inside the output transaction (bridge/output.py: a refused output path or a failed
+        write is raised on every rank, and nothing is left at the output path).
         """
-        from bridge.ranks import broadcast_from_rank0
-
-        path = Path(path)
-        rank = world()[0]
-        refused = None
-        if rank == 0 and path.exists() and not (path.is_dir() and not any(path.iterdir())) and not overwrite:
-            refused = f"{path}: output path exists and is not empty (pass --overwrite to replace it)"
-        refused = broadcast_from_rank0(refused)
-        if refused:
-            raise ConversionError(refused)
         source = _Tracked(self.export_hf_weights(model))
-        if rank != 0:
-            for _ in source:  # take part in the collectives, write nothing
-                pass
-            failure = broadcast_from_rank0(None)
-            if failure:
-                raise ConversionError(f"rank 0 could not write {path}: {failure}")
-            return
-        try:
-            self._write_hf(model, path, overwrite, source)
-        except BaseException as e:
-            if not source.failed:  # keep the other ranks' collectives matched before failing
-                for _ in source:
-                    pass
-            broadcast_from_rank0(f"{type(e).__name__}: {e}" if not isinstance(e, ConversionError) else str(e))
-            raise
-        broadcast_from_rank0(None)
+        with output_transaction(path, f"writing the Hugging Face checkpoint {path}", overwrite) as tmp:
+            if world()[0] == 0:
+                try:
+                    self._write_hf(model, tmp, source)
+                except BaseException:
+                    if not source.failed:  # keep the other ranks' collectives matched before failing
+                        _drain(source)
+                    raise
+            else:
+                _drain(source)  # take part in the collectives, write nothing
 
-    def _write_hf(self, model, path: Path, overwrite: bool, tensors) -> None:
+    def _write_hf(self, model, out_dir: Path, tensors) -> None:
         specs = self.hf_specs()
-        with atomic_output_dir(path, overwrite=overwrite) as tmp:
-            self._copy_assets(tmp)
-            (tmp / "config.json").write_text(json.dumps(self.export_config(model), indent=2) + "\n")
-            if specs is None:  # no source checkpoint: files planned from the exported tensors
-                materialised = list(tensors)
-                files = plan_shards([(n, t.numel() * t.element_size()) for n, t in materialised], MAX_SHARD_BYTES)
-                specs = {n: (files[n], t.dtype, tuple(t.shape)) for n, t in materialised}
-                tensors = iter(materialised)
-            write_hf_weights(tmp, tensors, specs, self.hf_origins())
+        if specs is None:  # no source checkpoint: files planned from the exported tensors
+            materialised = list(tensors)
+            files = plan_shards([(n, t.numel() * t.element_size()) for n, t in materialised], MAX_SHARD_BYTES)
+            specs = {n: (files[n], t.dtype, tuple(t.shape)) for n, t in materialised}
+            tensors = iter(materialised)
+        write_hf_weights(out_dir, tensors, specs, self.hf_origins())
+        self.write_hf_config_and_assets(model, out_dir)
+
+    def write_hf_config_and_assets(self, model, out_dir: Path) -> None:
+        """config.json for `model` and the source's non-weight files (tokenizer, ...): the HF
+        output besides its weights, for the in-memory and the streaming export alike."""
+        write_config_and_assets(out_dir, self.export_config(model), self.assets_dir)
 
     def hf_specs(self) -> Optional[Dict[str, Tuple[str, torch.dtype, Tuple[int, ...]]]]:
         """name -> (file, dtype, shape) of every HF tensor, from the source manifest (None without one)."""
@@ -330,17 +311,6 @@ class AutoBridge:
         records it for (the export aligns its files like the source: `SafetensorsWriter`)."""
         manifest = self._manifest_or_none() or {}
         return {n: m["offset"] for n, m in manifest.items() if isinstance(m.get("offset"), int)}
-
-    def _copy_assets(self, dest: Path) -> None:
-        """Copy the non-weight files of the source (tokenizer, generation config, ...)."""
-        if self.assets_dir is None:
-            return
-        for src in sorted(self.assets_dir.rglob("*")):
-            rel = src.relative_to(self.assets_dir)
-            if src.is_dir() or _is_weight_file(src.name) or rel.as_posix() == "config.json":
-                continue
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / rel)
 
     # ------------------------------------------------------------------ Megatron checkpoints
     def source_files(self) -> List[str]:
@@ -362,18 +332,9 @@ class AutoBridge:
         """
         from bridge import checkpoint
         from conversion import integrity
-        from conversion.output_dir import finalize_outputs_with
 
-        meta = {
-            "hf_config": self.config.raw,
-            "provider_fields": self.provider_fields(),
-            "params_dtype": dtype_name(W.model_chunks(model)[0].config.params_dtype),
-            # Embedding / output rows; the model built from this checkpoint uses them at any TP.
-            "padded_vocab_size": self._language_model(W.model_chunks(model)[0]).vocab_size,
-            "hf_manifest": self.manifest,
-            "layout": layout or {},
-            "checksums_file": integrity.CHECKSUMS_NAME,  # every file of the checkpoint (conversion/integrity.py)
-        }
+        # checksums_file: every file of the checkpoint is hashed into it (conversion/integrity.py)
+        meta = {**self.megatron_meta(model, layout), "checksums_file": integrity.CHECKSUMS_NAME}
         if hf_checksums is None and self.hf_dir is not None and world()[0] == 0:
             hf_checksums = integrity.in_background(integrity.checksums, self.hf_dir, self.source_files()).result
 
@@ -387,10 +348,22 @@ class AutoBridge:
                 known[rel] = {"size": size, "xxh3_128": digest}
             integrity.write_checksums_file(root, known)
 
-        with finalize_outputs_with(write_checksums):
-            checkpoint.save(sharded_state or (lambda: checkpoint.sharded_state(model)), Path(path), full_meta,
-                            self.assets_dir, overwrite=overwrite, is_asset=lambda p: not _is_weight_file(p.name),
-                            strategy=strategy)
+        checkpoint.save(sharded_state or (lambda: checkpoint.sharded_state(model)), Path(path), full_meta,
+                        self.assets_dir, overwrite=overwrite, strategy=strategy, finalize=write_checksums)
+
+    def megatron_meta(self, model, layout: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+        """What bridge_meta.json records of `model` (checksums aside): the HF config and manifest,
+        the provider fields, the parameter dtype, the padded vocab and the parallel `layout`."""
+        chunk = W.model_chunks(model)[0]
+        return {
+            "hf_config": self.config.raw,
+            "provider_fields": self.provider_fields(),
+            "params_dtype": dtype_name(chunk.config.params_dtype),
+            # Embedding / output rows; the model built from this checkpoint uses them at any TP.
+            "padded_vocab_size": self._language_model(chunk).vocab_size,
+            "hf_manifest": self.manifest,
+            "layout": layout or {},
+        }
 
     @classmethod
     def from_megatron_checkpoint(cls, path: str | Path, verify: bool = True) -> "AutoBridge":
@@ -435,6 +408,12 @@ class AutoBridge:
         chunks = build_model(provider)
         checkpoint.load(chunks, path)
         return chunks[0] if len(chunks) == 1 else chunks
+
+
+def _drain(tensors) -> None:
+    """Run an export to its end, keeping none of its tensors (its collectives need every rank)."""
+    for _ in tensors:
+        pass
 
 
 class _Tracked:

@@ -2,7 +2,8 @@
 
 `ensure_process_group` (torchrun's group, or a one-process group so the CLIs need no launcher),
 `world()` ((rank, size); (0, 1) without a group), `gather` (one object from every rank) and
-`broadcast_from_rank0`. Without a multi-rank group none of them runs a collective.
+`every_rank` / `on_rank0` (run a step; when it failed on any rank, every rank raises the first
+failing rank's error). Without a multi-rank group none of them runs a collective.
 (conversion/split.py's `launcher_rank` reads torchrun's environment instead: the CLIs need the
 rank before torch is imported.)
 """
@@ -10,10 +11,12 @@ rank before torch is imported.)
 from __future__ import annotations
 
 import os
-from typing import Any, List, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
+
+from conversion.errors import ConversionError
 
 
 def world() -> Tuple[int, int]:
@@ -48,10 +51,38 @@ def gather(obj: Any) -> List[Any]:
     return out
 
 
-def broadcast_from_rank0(obj: Any) -> Any:
-    """`obj` as rank 0 has it, on every rank (no-op without a multi-rank group)."""
-    if world()[1] == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+def _describe(error: BaseException) -> str:
+    """One line for an error: a ConversionError's message is already one, others get their type."""
+    return str(error) if isinstance(error, ConversionError) else f"{type(error).__name__}: {error}"
+
+
+def agree(error: Optional[Exception], what: str, result: Any = None) -> List[Any]:
+    """Every rank's outcome of one step: `error` (None: it succeeded) and `result` here.
+
+    When the step failed on some rank, every rank raises: the first rank that failed its own
+    `error`, every other rank a ConversionError naming that rank and its error (`what` says what
+    was being done). Otherwise returns every rank's `result`, in rank order. Every rank must call
+    it, after the same steps (it is one collective)."""
+    outcomes = gather((None if error is None else _describe(error), result))
+    failed = next((r for r, (failure, _) in enumerate(outcomes) if failure is not None), None)
+    if failed is None:
+        return [value for _, value in outcomes]
+    if failed == world()[0]:
+        raise error
+    raise ConversionError(f"{what} failed on rank {failed}: {outcomes[failed][0]}")
+
+
+def every_rank(step: Callable[[], Any], what: str) -> List[Any]:
+    """Run `step` on every rank and return every rank's result (in rank order); when it failed on
+    any rank, raise the first failing rank's error on every rank (see `agree`). Only an Exception
+    is agreed on: Ctrl-C / SystemExit leave at once (torchrun stops the other ranks)."""
+    try:
+        result = step()
+    except Exception as e:  # noqa: BLE001 - raised again on every rank by agree
+        return agree(e, what)
+    return agree(None, what, result)
+
+
+def on_rank0(step: Callable[[], Any], what: str) -> Any:
+    """Rank 0 runs `step`, every rank returns its result or raises its error (see `every_rank`)."""
+    return every_rank(step if world()[0] == 0 else (lambda: None), what)[0]

@@ -1,5 +1,6 @@
-"""Writing the weights of a Hugging Face model directory: safetensors files laid out up front and
-filled tensor by tensor (`SafetensorsWriter`), and the index.
+"""Writing a Hugging Face model directory: safetensors files laid out up front and filled tensor
+by tensor (`SafetensorsWriter`), the index, config.json and the source's non-weight files
+(`write_config_and_assets`, `copy_assets`).
 
 `SafetensorsWriter` lays every file out from the names, dtypes and shapes first (header, offsets,
 file size), then each tensor is written at its offset with `os.pwrite` whenever it arrives, in
@@ -15,16 +16,46 @@ from __future__ import annotations
 
 import ctypes
 import json
+import shutil
 import threading
 from pathlib import Path
-from typing import Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Collection, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 from conversion.direct_io import PAGE, DirectFile
 from conversion.dtypes import safetensors_dtype
 from conversion.errors import ConversionError
 from conversion.output_dir import hooks
-from conversion.safetensors_io import INDEX_NAME, SINGLE_NAME, allocate, nbytes_of
+from conversion.safetensors_io import INDEX_NAME, PICKLE_NAMES, SINGLE_NAME, allocate, nbytes_of
+
+CONFIG_NAME = "config.json"
+
+
+def is_weight_file(name: str) -> bool:
+    """A file of a model directory that holds weights (or their index): never an asset."""
+    return name.endswith(".safetensors") or name == INDEX_NAME or name in PICKLE_NAMES
+
+
+def copy_assets(src_dir: Optional[Path], dest: Path, leave_out: Collection[str] = ()) -> None:
+    """Copy every file of `src_dir` but the weights (tokenizer, generation config, ...) to the same
+    relative path under `dest`; `leave_out`: relative paths not to copy. The one asset copier of
+    the HF exports, the Megatron checkpoint's `hf_assets/` and the fine-tuning checkpoints."""
+    if src_dir is None:
+        return
+    src_dir = Path(src_dir)
+    for src in sorted(src_dir.rglob("*")):
+        rel = src.relative_to(src_dir)
+        if not src.is_file() or is_weight_file(src.name) or rel.as_posix() in leave_out:
+            continue
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, dest / rel)
+
+
+def write_config_and_assets(out_dir: Path, config: dict, assets_dir: Optional[Path]) -> None:
+    """What an HF directory holds besides its weights and index: config.json (`config`) and the
+    source's non-weight files (its own config.json left out: `config` replaces it)."""
+    copy_assets(assets_dir, out_dir, leave_out={CONFIG_NAME})
+    (out_dir / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
 
 
 def plan_shards(tensors: Iterable[Tuple[str, int]], max_shard_bytes: int) -> Dict[str, str]:

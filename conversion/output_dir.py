@@ -8,13 +8,12 @@ output removes the siblings whose process (same host, pid not running) is gone; 
 live process (a concurrent run) or of another host (shared file systems) are left alone.
 
 `OutputDir` holds the steps of one such output in one process (open the temporary, publish it,
-discard it); `atomic_output_dir` runs them around a block.
+discard it); bridge/output.py's `OutputTransaction` runs them for every writer, on rank 0 of a
+process group, and is the one way outputs are written.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import ctypes
 import errno
 import os
@@ -145,39 +144,6 @@ class OutputDir:
                 d.rmdir()
             except OSError:
                 break
-
-
-_FINALIZER: "contextvars.ContextVar[Optional[Callable[[Path], None]]]" = contextvars.ContextVar("finalizer", default=None)
-
-
-@contextlib.contextmanager
-def finalize_outputs_with(fn: Callable[[Path], None]):
-    """Within this block, `atomic_output_dir` calls `fn(tmp)` once the output is complete and
-    before it is renamed into place (the Megatron checkpoint writes its checksum file this way)."""
-    token = _FINALIZER.set(fn)
-    try:
-        yield
-    finally:
-        _FINALIZER.reset(token)
-
-
-@contextlib.contextmanager
-def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False):
-    """Yield a temporary sibling directory that is renamed to `path` only when the block succeeds.
-
-    A crash or kill at any moment leaves at most a hidden `.{name}.tmp-*` sibling, never a directory
-    at `path` that looks like a finished checkpoint; the next run removes it (see above). On an
-    exception (including Ctrl-C) the temporary is removed, and so are parent directories this call
-    created.
-    """
-    out = OutputDir(path, overwrite, _FINALIZER.get())
-    tmp = out.open()
-    try:
-        yield tmp
-        out.publish()
-    except BaseException:
-        out.discard()
-        raise
 
 
 def _host() -> str:

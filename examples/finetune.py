@@ -497,10 +497,7 @@ def save_checkpoint(bridge, chunks, optimizer, iteration: int, output: Path, lay
     from megatron.core import dist_checkpointing
 
     from bridge import checkpoint
-    from bridge.auto_bridge import _is_weight_file
-    from bridge.weights import model_chunks
     from bridge.ranks import world
-    from conversion.dtypes import dtype_name
 
     rank = world()[0]
     sub = output / f"iter_{iteration:07d}"
@@ -510,18 +507,7 @@ def save_checkpoint(bridge, chunks, optimizer, iteration: int, output: Path, lay
     dist_checkpointing.save(_state(chunks, optimizer, iteration), str(sub))
     dist.barrier()
     if rank == 0 and bridge is not None:
-        lm = bridge._language_model(model_chunks(chunks)[0])
-        meta = {"format": checkpoint.META_FORMAT, "hf_config": bridge.config.raw,
-                "provider_fields": bridge.provider_fields(), "params_dtype": dtype_name(lm.config.params_dtype),
-                "padded_vocab_size": lm.vocab_size, "hf_manifest": bridge.manifest, "layout": layout}
-        (output / checkpoint.META_NAME).write_text(json.dumps(meta, indent=1) + "\n")
-        assets = output / checkpoint.ASSETS_DIR
-        if not assets.exists() and bridge.assets_dir is not None:
-            assets.mkdir()
-            for src in sorted(Path(bridge.assets_dir).rglob("*")):
-                if src.is_file() and not _is_weight_file(src.name) and src.name != "config.json":
-                    (assets / src.relative_to(bridge.assets_dir)).parent.mkdir(parents=True, exist_ok=True)
-                    (assets / src.relative_to(bridge.assets_dir)).write_bytes(src.read_bytes())
+        checkpoint.write_bridge_files(output, bridge.megatron_meta(chunks, layout), bridge.assets_dir)
     if rank == 0:
         (output / (TRACKER + ".tmp")).write_text(str(iteration))
         (output / (TRACKER + ".tmp")).replace(output / TRACKER)  # the tracker moves last

@@ -350,7 +350,8 @@ def test_two_runs_into_one_output_one_fails_the_other_is_kept(tmp_path, converte
 def test_overwrite_swaps_the_outputs_atomically(tmp_path):
     """--overwrite exchanges the new and the old output with one renameat2(RENAME_EXCHANGE): there
     is no moment without a complete output at the path; the old one is removed afterwards."""
-    from conversion.output_dir import _exchange, atomic_output_dir
+    from bridge.output import output_transaction
+    from conversion.output_dir import _exchange
 
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir(), b.mkdir()
@@ -360,7 +361,7 @@ def test_overwrite_swaps_the_outputs_atomically(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "old").write_text("old")
-    with atomic_output_dir(out, overwrite=True) as tmp:
+    with output_transaction(out, "writing", overwrite=True) as tmp:
         (tmp / "new").write_text("new")
     assert sorted(p.name for p in out.iterdir()) == ["new"] and hidden_siblings(out) == []
 
@@ -398,6 +399,7 @@ def test_stale_temporaries_of_dead_processes_are_removed(tmp_path):
 
 
 def test_output_checks(tmp_path, monkeypatch):
+    from bridge.output import output_transaction
     from conversion import output_dir as sio
 
     (tmp_path / "file").write_text("x")
@@ -412,7 +414,7 @@ def test_output_checks(tmp_path, monkeypatch):
         sio.check_free_space(tmp_path / "out", 11)
     # a failed block removes its temporary and the parents it created
     with pytest.raises(RuntimeError):
-        with sio.atomic_output_dir(tmp_path / "new" / "deeper" / "out"):
+        with output_transaction(tmp_path / "new" / "deeper" / "out", "writing"):
             raise RuntimeError
     assert not (tmp_path / "new").exists()
 
