@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
@@ -15,21 +13,16 @@ from conversion import hf_config
 from conversion.errors import ConversionError
 from conversion.hf_paths import resolve_hf_path
 from conversion import omni, registry
+from conversion.dtypes import FLAGS, dtype_from_name, dtype_name
+from conversion.hf_writer import plan_shards, write_config_and_assets, write_hf_weights
 from conversion.mappings import Dims, Mapping
-from conversion.safetensors_io import (
-    INDEX_NAME, PICKLE_NAMES, HFCheckpoint, atomic_output_dir, dtype_from_name, dtype_name, plan_shards,
-    write_hf_weights,
-)
+from conversion.safetensors_io import HFCheckpoint
 from bridge import weights as W
 from bridge.parallel import ensure_parallel_state
+from bridge.output import output_transaction
+from bridge.ranks import world
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
-          "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 MAX_SHARD_BYTES = 5 * 1024**3
-
-
-def _is_weight_file(name: str) -> bool:
-    return name.endswith(".safetensors") or name == INDEX_NAME or name in PICKLE_NAMES
 
 
 class AutoBridge:
@@ -107,7 +100,8 @@ class AutoBridge:
         if self._has_weights():
             return dtype_from_name(self.manifest[self.hf_names()[0]]["dtype"])
         name = self.config.text.get("dtype") or self.config.text.get("torch_dtype") or "bfloat16"
-        return DTYPES.get(name, torch.bfloat16)
+        # a parameter dtype: one a --dtype flag names (else bf16)
+        return dtype_from_name(name) if FLAGS.get(name, name) in FLAGS.values() else torch.bfloat16
 
     def provider_fields(self) -> Dict[str, Any]:
         return hf_config.provider_fields(self.config)
@@ -255,48 +249,35 @@ class AutoBridge:
         """Write config.json, the safetensors weights (+ index) and the non-weight assets.
 
         Under torchrun every rank calls it; the tensors are gathered to global rank 0, which alone
-        writes (into a hidden temporary sibling renamed into place at the end). A refused output
-        path or a failed write on rank 0 is raised on every rank.
+        writes, inside the output transaction (bridge/output.py: a refused output path or a failed
+        write is raised on every rank, and nothing is left at the output path).
         """
-        from bridge.parallel import broadcast_from_rank0
-
-        path = Path(path)
-        rank = dist.get_rank() if dist.is_initialized() else 0
-        refused = None
-        if rank == 0 and path.exists() and not (path.is_dir() and not any(path.iterdir())) and not overwrite:
-            refused = f"{path}: output path exists and is not empty (pass --overwrite to replace it)"
-        refused = broadcast_from_rank0(refused)
-        if refused:
-            raise ConversionError(refused)
         source = _Tracked(self.export_hf_weights(model))
-        if rank != 0:
-            for _ in source:  # take part in the collectives, write nothing
-                pass
-            failure = broadcast_from_rank0(None)
-            if failure:
-                raise ConversionError(f"rank 0 could not write {path}: {failure}")
-            return
-        try:
-            self._write_hf(model, path, overwrite, source)
-        except BaseException as e:
-            if not source.failed:  # keep the other ranks' collectives matched before failing
-                for _ in source:
-                    pass
-            broadcast_from_rank0(f"{type(e).__name__}: {e}" if not isinstance(e, ConversionError) else str(e))
-            raise
-        broadcast_from_rank0(None)
+        with output_transaction(path, f"writing the Hugging Face checkpoint {path}", overwrite) as tmp:
+            if world()[0] == 0:
+                try:
+                    self._write_hf(model, tmp, source)
+                except BaseException:
+                    if not source.failed:  # keep the other ranks' collectives matched before failing
+                        _drain(source)
+                    raise
+            else:
+                _drain(source)  # take part in the collectives, write nothing
 
-    def _write_hf(self, model, path: Path, overwrite: bool, tensors) -> None:
+    def _write_hf(self, model, out_dir: Path, tensors) -> None:
         specs = self.hf_specs()
-        with atomic_output_dir(path, overwrite=overwrite) as tmp:
-            self._copy_assets(tmp)
-            (tmp / "config.json").write_text(json.dumps(self.export_config(model), indent=2) + "\n")
-            if specs is None:  # no source checkpoint: files planned from the exported tensors
-                materialised = list(tensors)
-                files = plan_shards([(n, t.numel() * t.element_size()) for n, t in materialised], MAX_SHARD_BYTES)
-                specs = {n: (files[n], t.dtype, tuple(t.shape)) for n, t in materialised}
-                tensors = iter(materialised)
-            write_hf_weights(tmp, tensors, specs, self.hf_origins())
+        if specs is None:  # no source checkpoint: files planned from the exported tensors
+            materialised = list(tensors)
+            files = plan_shards([(n, t.numel() * t.element_size()) for n, t in materialised], MAX_SHARD_BYTES)
+            specs = {n: (files[n], t.dtype, tuple(t.shape)) for n, t in materialised}
+            tensors = iter(materialised)
+        write_hf_weights(out_dir, tensors, specs, self.hf_origins())
+        self.write_hf_config_and_assets(model, out_dir)
+
+    def write_hf_config_and_assets(self, model, out_dir: Path) -> None:
+        """config.json for `model` and the source's non-weight files (tokenizer, ...): the HF
+        output besides its weights, for the in-memory and the streaming export alike."""
+        write_config_and_assets(out_dir, self.export_config(model), self.assets_dir)
 
     def hf_specs(self) -> Optional[Dict[str, Tuple[str, torch.dtype, Tuple[int, ...]]]]:
         """name -> (file, dtype, shape) of every HF tensor, from the source manifest (None without one)."""
@@ -311,17 +292,6 @@ class AutoBridge:
         records it for (the export aligns its files like the source: `SafetensorsWriter`)."""
         manifest = self._manifest_or_none() or {}
         return {n: m["offset"] for n, m in manifest.items() if isinstance(m.get("offset"), int)}
-
-    def _copy_assets(self, dest: Path) -> None:
-        """Copy the non-weight files of the source (tokenizer, generation config, ...)."""
-        if self.assets_dir is None:
-            return
-        for src in sorted(self.assets_dir.rglob("*")):
-            rel = src.relative_to(self.assets_dir)
-            if src.is_dir() or _is_weight_file(src.name) or rel.as_posix() == "config.json":
-                continue
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / rel)
 
     # ------------------------------------------------------------------ Megatron checkpoints
     def source_files(self) -> List[str]:
@@ -343,19 +313,10 @@ class AutoBridge:
         """
         from bridge import checkpoint
         from conversion import integrity
-        from conversion.safetensors_io import finalize_outputs_with
 
-        meta = {
-            "hf_config": self.config.raw,
-            "provider_fields": self.provider_fields(),
-            "params_dtype": dtype_name(W.model_chunks(model)[0].config.params_dtype),
-            # Embedding / output rows; the model built from this checkpoint uses them at any TP.
-            "padded_vocab_size": self._language_model(W.model_chunks(model)[0]).vocab_size,
-            "hf_manifest": self.manifest,
-            "layout": layout or {},
-            "checksums_file": integrity.CHECKSUMS_NAME,  # every file of the checkpoint (conversion/integrity.py)
-        }
-        if hf_checksums is None and self.hf_dir is not None and (not dist.is_initialized() or dist.get_rank() == 0):
+        # checksums_file: every file of the checkpoint is hashed into it (conversion/integrity.py)
+        meta = {**self.megatron_meta(model, layout), "checksums_file": integrity.CHECKSUMS_NAME}
+        if hf_checksums is None and self.hf_dir is not None and world()[0] == 0:
             hf_checksums = integrity.in_background(integrity.checksums, self.hf_dir, self.source_files()).result
 
         def full_meta() -> Dict[str, Any]:
@@ -368,10 +329,22 @@ class AutoBridge:
                 known[rel] = {"size": size, "xxh3_128": digest}
             integrity.write_checksums_file(root, known)
 
-        with finalize_outputs_with(write_checksums):
-            checkpoint.save(sharded_state or (lambda: checkpoint.sharded_state(model)), Path(path), full_meta,
-                            self.assets_dir, overwrite=overwrite, is_asset=lambda p: not _is_weight_file(p.name),
-                            strategy=strategy)
+        checkpoint.save(sharded_state or (lambda: checkpoint.sharded_state(model)), Path(path), full_meta,
+                        self.assets_dir, overwrite=overwrite, strategy=strategy, finalize=write_checksums)
+
+    def megatron_meta(self, model, layout: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+        """What bridge_meta.json records of `model` (checksums aside): the HF config and manifest,
+        the provider fields, the parameter dtype, the padded vocab and the parallel `layout`."""
+        chunk = W.model_chunks(model)[0]
+        return {
+            "hf_config": self.config.raw,
+            "provider_fields": self.provider_fields(),
+            "params_dtype": dtype_name(chunk.config.params_dtype),
+            # Embedding / output rows; the model built from this checkpoint uses them at any TP.
+            "padded_vocab_size": self._language_model(chunk).vocab_size,
+            "hf_manifest": self.manifest,
+            "layout": layout or {},
+        }
 
     @classmethod
     def from_megatron_checkpoint(cls, path: str | Path, verify: bool = True) -> "AutoBridge":
@@ -416,6 +389,12 @@ class AutoBridge:
         chunks = build_model(provider)
         checkpoint.load(chunks, path)
         return chunks[0] if len(chunks) == 1 else chunks
+
+
+def _drain(tensors) -> None:
+    """Run an export to its end, keeping none of its tensors (its collectives need every rank)."""
+    for _ in tensors:
+        pass
 
 
 class _Tracked:

@@ -14,17 +14,17 @@ beside them and never inside what Megatron reads. The model's state is saved und
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, Optional
 
-import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
+from bridge.output import output_transaction
+from bridge.ranks import world
 from conversion.errors import ConversionError
+from conversion.hf_writer import copy_assets
 from conversion.integrity import META_FORMAT, META_NAME, read_meta  # noqa: F401 - re-exported
 from conversion.safe_pickle import check_dist_checkpoint
-from conversion.safetensors_io import atomic_output_dir
 from providers.megatron_imports import add_common_state_file, common_load_kwargs
 
 TRACKER_NAME = "latest_checkpointed_iteration.txt"
@@ -45,110 +45,37 @@ def sharded_state(model) -> Dict:
     return state
 
 
-def save(state: Callable[[], Dict], path: Path, meta: Callable[[], Dict], assets_dir: Optional[Path], overwrite: bool = False,
-         is_asset: Callable[[Path], bool] = lambda p: True, strategy=None) -> None:
+def save(state: Callable[[], Dict], path: Path, meta: Callable[[], Dict], assets_dir: Optional[Path],
+         overwrite: bool = False, strategy=None, finalize: Optional[Callable[[Path], None]] = None) -> None:
     """Write a model's sharded state (all ranks take part) and the bridge files (rank 0) into `path`,
     atomically. `state()` gives this rank's sharded state dict (`sharded_state(model)`); `meta()`
     the contents of bridge_meta.json (asked for after the tensors are written); `strategy` is the
-    dist_checkpointing save strategy (None: megatron-core's default, torch_dist).
+    dist_checkpointing save strategy (None: megatron-core's default, torch_dist); `finalize(tmp)`
+    runs on rank 0 once every rank has written its part, before the rename (the checksum file).
 
-    Rank 0 creates the hidden temporary sibling and broadcasts its path; every rank writes its
-    shards into it with `dist_checkpointing.save`; rank 0 writes `common.pt` where megatron-core
-    did not (0.19.2: see `providers.megatron_imports.add_common_state_file`, so that 0.16.1 loads
-    the checkpoint too), the tracker, bridge_meta.json and the assets; after a barrier (and a check
-    that every rank succeeded) rank 0 renames it into place and tells every rank how that went. Any
-    failure is raised on every rank and leaves no output directory.
+    Every rank writes its shards with `dist_checkpointing.save`; rank 0 writes `common.pt` where
+    megatron-core did not (0.19.2: see `providers.megatron_imports.add_common_state_file`, so that
+    0.16.1 loads the checkpoint too), the tracker, bridge_meta.json and the assets. The output
+    transaction (bridge/output.py) makes it atomic: any failure, on any rank, is raised on every
+    rank and leaves no output directory.
     """
-    from bridge.parallel import broadcast_from_rank0
-
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    multi = dist.is_initialized() and dist.get_world_size() > 1
-    if rank != 0:
-        tmp_or_error = broadcast_from_rank0(None)
-        if isinstance(tmp_or_error, Exception):
-            raise tmp_or_error
-        tmp = Path(tmp_or_error)
-        error = capture_error(lambda: dist_checkpointing.save(state(), str(tmp / RELEASE_DIR), sharded_strategy=strategy))
-        error = first_rank_error(error)
-        if error:
-            raise ConversionError(f"writing the Megatron checkpoint {path} failed: {error}")
-        dist.barrier()  # rank 0 renames after this ...
-        on_rank0(None)  # ... and says how it went: in place when save() returns
-        return
-    try:
-        context = atomic_output_dir(path, overwrite=overwrite)
-        tmp = context.__enter__()
-    except Exception as e:
-        if multi:
-            broadcast_from_rank0(ConversionError(str(e)) if isinstance(e, ConversionError) else e)
-        raise
-    try:
-        (tmp / RELEASE_DIR).mkdir(exist_ok=True)
-        if multi:
-            broadcast_from_rank0(str(tmp))
-            error = capture_error(lambda: dist_checkpointing.save(state(), str(tmp / RELEASE_DIR), sharded_strategy=strategy))
-            error = error or capture_error(lambda: add_common_state_file(tmp / RELEASE_DIR))
-            error = error or capture_error(lambda: _write_bridge_files(tmp, meta, assets_dir, is_asset))
-            error = first_rank_error(error)
-            if error:
-                raise ConversionError(f"writing the Megatron checkpoint {path} failed: {error}")
-            dist.barrier()
-        else:
-            dist_checkpointing.save(state(), str(tmp / RELEASE_DIR), sharded_strategy=strategy)
-            add_common_state_file(tmp / RELEASE_DIR)
-            _write_bridge_files(tmp, meta, assets_dir, is_asset)
-    except BaseException as e:
-        context.__exit__(type(e), e, e.__traceback__)
-        raise
-    on_rank0(lambda: context.__exit__(None, None, None))  # the atomic rename
+    with output_transaction(path, f"writing the Megatron checkpoint {path}", overwrite, finalize) as tmp:
+        release = tmp / RELEASE_DIR
+        release.mkdir(exist_ok=True)  # on every rank: no rank may start writing before it exists
+        dist_checkpointing.save(state(), str(release), sharded_strategy=strategy)
+        if world()[0] == 0:
+            add_common_state_file(release)
+            (tmp / TRACKER_NAME).write_text(RELEASE_DIR)
+            write_bridge_files(tmp, meta(), assets_dir)
 
 
-def _write_bridge_files(tmp: Path, meta: Callable[[], Dict], assets_dir: Optional[Path], is_asset: Callable[[Path], bool]) -> None:
-    (tmp / TRACKER_NAME).write_text(RELEASE_DIR)
-    (tmp / META_NAME).write_text(json.dumps({"format": META_FORMAT, **meta()}, indent=1) + "\n")
-    assets = tmp / ASSETS_DIR
-    assets.mkdir()
-    if assets_dir is not None:
-        for src in sorted(Path(assets_dir).rglob("*")):
-            if src.is_file() and is_asset(src):
-                dest = assets / src.relative_to(assets_dir)
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(src, dest)
-
-
-def capture_error(fn) -> Optional[str]:
-    """Run `fn`; None on success, else a one-line description of the failure."""
-    try:
-        fn()
-        return None
-    except Exception as e:  # noqa: BLE001 - reported on every rank by first_rank_error
-        return f"rank {dist.get_rank()}: {type(e).__name__}: {e}"
-
-
-def on_rank0(step: Optional[Callable[[], None]]) -> None:
-    """Rank 0 runs `step` (the other ranks pass None) and every rank learns how it went: all return
-    when it succeeded; when it failed, rank 0 raises its own exception and the others a
-    ConversionError with its message. (Without a multi-rank group: just `step()`.)"""
-    from bridge.parallel import broadcast_from_rank0
-
-    if step is None:
-        failure = broadcast_from_rank0(None)
-        if failure:
-            raise ConversionError(f"rank 0: {failure}")
-        return
-    try:
-        step()
-    except BaseException as e:
-        broadcast_from_rank0(str(e) if isinstance(e, ConversionError) else f"{type(e).__name__}: {e}")
-        raise
-    broadcast_from_rank0("")
-
-
-def first_rank_error(error: Optional[str]) -> Optional[str]:
-    """The first rank's failure message, on every rank (None when all succeeded)."""
-    errors: List[Optional[str]] = [None] * dist.get_world_size()
-    dist.all_gather_object(errors, error)
-    return next((e for e in errors if e), None)
+def write_bridge_files(root: Path, meta: Dict, assets_dir: Optional[Path]) -> None:
+    """bridge_meta.json (`meta`, with the format tag) and hf_assets/ (the non-weight files of
+    `assets_dir`) of a checkpoint; also the fine-tuning example's checkpoints."""
+    (root / META_NAME).write_text(json.dumps({"format": META_FORMAT, **meta}, indent=1) + "\n")
+    assets = root / ASSETS_DIR
+    assets.mkdir(exist_ok=True)
+    copy_assets(assets_dir, assets)
 
 
 def checkpoint_dir(path: Path) -> Path:

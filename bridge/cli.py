@@ -30,9 +30,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, List, Optional
 
+from conversion import dtypes  # imports no torch: the flags are listed before torch is imported
 from conversion.errors import ConversionError
-
-DTYPE_FLAGS = ("bf16", "fp16", "fp32")
 
 
 def _terminate(signum, frame):  # SIGTERM behaves like Ctrl-C: unwind, remove temporaries, exit 130
@@ -122,26 +121,25 @@ def _input_dir(path: str, what: str) -> Path:
 
 def _preflight_hf(args: argparse.Namespace):
     """Every check of an HF input that needs no megatron and reads no tensor data."""
-    import torch
-
     from conversion import hf_config, omni, preflight, registry
     from conversion.hf_paths import resolve_hf_path
-    from conversion.safetensors_io import HFCheckpoint, check_free_space, check_output_path, dir_bytes
+    from conversion.output_dir import check_free_space, check_output_path, dir_bytes
+    from conversion.safetensors_io import HFCheckpoint
 
     hf = args.hf_path = resolve_hf_path(args.hf_path)  # a local directory, or a hub id in the hub cache
     check_output_path(args.output, args.overwrite, inputs=[hf])
     cfg = hf_config.load_config(hf)
     ckpt = HFCheckpoint(hf)  # headers: truncated / corrupt shards, index, pickle-only directories
     shapes = {n: ckpt.shape(n) for n in ckpt.keys()}
-    dtypes = {n: ckpt.dtype(n) for n in ckpt.keys()}
+    tensor_dtypes = {n: ckpt.dtype(n) for n in ckpt.keys()}
     # every tensor of the model, its shape from config.json (the registry: conversion/registry.py)
-    preflight.check_tensors(str(hf), shapes, dtypes, registry.mappings(cfg, shapes), files=ckpt.weight_map)
+    preflight.check_tensors(str(hf), shapes, tensor_dtypes, registry.mappings(cfg, shapes), files=ckpt.weight_map)
     for name in ckpt.keys():  # values the conversion refuses, while they are cheap to read (tiny vectors)
         if omni.LAYER_SCALE.search(name):
             omni.check_layer_scale(name, ckpt.get(name))
-    target = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(args.dtype)
+    target = dtypes.dtype_from_name(args.dtype) if args.dtype else None
     weight_files = set(ckpt.weight_map.values())
-    needed = preflight.output_bytes(shapes, dtypes, target) + dir_bytes(hf, keep=lambda p: p.name not in weight_files)
+    needed = preflight.output_bytes(shapes, tensor_dtypes, target) + dir_bytes(hf, keep=lambda p: p.name not in weight_files)
     check_free_space(args.output, needed, "the Megatron checkpoint")
     return cfg, ckpt
 
@@ -176,12 +174,12 @@ def _hf_to_mcore(args: argparse.Namespace) -> None:
         check_layout(hf_config.provider_fields(cfg), tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp, vpp=args.vpp)
 
         from bridge import AutoBridge
-        from bridge.auto_bridge import DTYPES
-        from bridge.streaming import convert_hf_to_megatron, world
+        from bridge.ranks import world
+        from bridge.streaming import convert_hf_to_megatron
 
         bridge = AutoBridge.from_hf_pretrained(args.hf_path, config=cfg, checkpoint=ckpt)
     layout = {"tp": args.tp, "pp": args.pp, "ep": args.ep, "etp": args.etp, "vpp": args.vpp}
-    convert_hf_to_megatron(bridge, Path(args.output), dtype=DTYPES[args.dtype] if args.dtype else None,
+    convert_hf_to_megatron(bridge, Path(args.output), dtype=dtypes.dtype_from_name(args.dtype) if args.dtype else None,
                            layout=layout, overwrite=args.overwrite, quiet=args.quiet, threads=args.threads,
                            source_sums=source_sums)
     if not args.quiet and world()[0] == 0:
@@ -191,7 +189,7 @@ def _hf_to_mcore(args: argparse.Namespace) -> None:
 def _preflight_mcore(args: argparse.Namespace) -> dict:
     """Every check of a converted Megatron checkpoint that needs no megatron: meta, output, disk, file sizes."""
     from conversion import integrity, preflight
-    from conversion.safetensors_io import check_free_space, check_output_path, dir_bytes, dtype_from_name
+    from conversion.output_dir import check_free_space, check_output_path, dir_bytes
 
     src = _input_dir(args.mcore_path, "a Megatron checkpoint directory written by convert-hf-to-mcore")
     meta = integrity.read_meta(src)
@@ -199,12 +197,12 @@ def _preflight_mcore(args: argparse.Namespace) -> dict:
     manifest = meta["hf_manifest"]
     try:
         shapes = {n: tuple(m["shape"]) for n, m in manifest.items()}
-        dtypes = {n: dtype_from_name(m["dtype"]) for n, m in manifest.items()}
+        tensor_dtypes = {n: dtypes.dtype_from_name(m["dtype"]) for n, m in manifest.items()}
     except (TypeError, KeyError, AttributeError):
         raise ConversionError(f"{src / integrity.META_NAME}: field 'hf_manifest' must map tensor names to "
                               "{file, dtype, shape}") from None
     assets = src / "hf_assets"
-    needed = preflight.output_bytes(shapes, dtypes) + (dir_bytes(assets) if assets.is_dir() else 0)
+    needed = preflight.output_bytes(shapes, tensor_dtypes) + (dir_bytes(assets) if assets.is_dir() else 0)
     check_free_space(args.output, needed, "the Hugging Face checkpoint")
     integrity.verify_megatron_checkpoint(src, meta, hashes=False)  # contents: hashed during the conversion
     return meta
@@ -223,7 +221,8 @@ def _mcore_to_hf(args: argparse.Namespace) -> None:
             verified = integrity.in_background(integrity.verify_megatron_checkpoint, Path(args.mcore_path), meta)
         _import_megatron()
         from bridge import AutoBridge
-        from bridge.streaming import convert_megatron_to_hf, world
+        from bridge.ranks import world
+        from bridge.streaming import convert_megatron_to_hf
 
         bridge = AutoBridge.from_megatron_checkpoint(args.mcore_path, verify=False)
     convert_megatron_to_hf(bridge, Path(args.mcore_path), Path(args.output), overwrite=args.overwrite,
@@ -257,7 +256,7 @@ def hf_to_mcore_main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--ep", type=int, default=1, help="expert parallel size")
     p.add_argument("--etp", type=int, default=None, help="expert tensor parallel size (default: TP)")
     p.add_argument("--vpp", type=int, default=None, help="virtual pipeline stages per pipeline rank")
-    p.add_argument("--dtype", choices=list(DTYPE_FLAGS), default=None,
+    p.add_argument("--dtype", choices=list(dtypes.FLAGS), default=None,
                    help="parameter dtype of the Megatron checkpoint (default: the HF checkpoint's)")
     return _run(_hf_to_mcore, p, argv)
 

@@ -1,7 +1,8 @@
-"""torch.distributed + megatron parallel state: use what the caller set up, else create it.
+"""Megatron parallel state: use what the caller set up, else create it.
 
 Under torchrun the caller's process group (and, if initialised, megatron's parallel state) is used.
-In a plain process a one-process gloo group is created so the CLIs need no launcher.
+In a plain process a one-process gloo group is created so the CLIs need no launcher (the process
+group and the rank helpers: bridge/ranks.py).
 
 Also here: the pure layout check (`check_layout` / `layout_problems`: which model sizes a TP / PP /
 EP / ETP / VPP layout does not divide), `setup_for_provider` (parallel state <-> provider fields,
@@ -10,37 +11,22 @@ sequence-parallel default) and `build_model` (this rank's model chunks, one per 
 
 from __future__ import annotations
 
-import os
 from typing import List, Optional
 
 import torch
-import torch.distributed as dist
 from megatron.core import parallel_state
 
+from bridge.ranks import ensure_process_group, world
 from conversion.errors import ConversionError
-
-
-def ensure_process_group() -> None:
-    if dist.is_initialized():
-        return
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # launched by torchrun
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend=backend)
-        return
-    # One process: an in-memory store, no port (and nothing leaks into child processes' env).
-    dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
 
 
 def ensure_parallel_state(tp: int = 1, pp: int = 1, ep: int = 1, etp: Optional[int] = None,
                           vpp: Optional[int] = None, seed: int = 1234) -> None:
     """Initialise megatron's parallel state for the given layout unless the caller already did."""
-    ensure_process_group()
+    _, size = ensure_process_group()
     if not parallel_state.model_parallel_is_initialized():
-        world = dist.get_world_size()
-        if world % (tp * pp) != 0:
-            raise ValueError(f"world size {world} is not divisible by TP={tp} x PP={pp}")
+        if size % (tp * pp) != 0:
+            raise ValueError(f"world size {size} is not divisible by TP={tp} x PP={pp}")
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=tp,
             pipeline_model_parallel_size=pp,
@@ -189,7 +175,7 @@ def setup_for_provider(provider) -> dict:
     state = current_sizes()
     wanted = provider_sizes(provider)
     if state is None:
-        check_layout(provider, **wanted, world=dist.get_world_size(),
+        check_layout(provider, **wanted, world=world()[1],
                      padded_vocab_size=_padded_vocab(provider, wanted["tp"]))
         ensure_parallel_state(**wanted)
         state = current_sizes()
@@ -201,7 +187,7 @@ def setup_for_provider(provider) -> dict:
         if clashes:
             raise ConversionError("the provider's parallel sizes differ from megatron's initialised parallel "
                                   "state (" + "; ".join(clashes) + ")")
-    check_layout(provider, **state, world=dist.get_world_size(), padded_vocab_size=_padded_vocab(provider, state["tp"]))
+    check_layout(provider, **state, world=world()[1], padded_vocab_size=_padded_vocab(provider, state["tp"]))
     provider.tensor_model_parallel_size = state["tp"]
     provider.pipeline_model_parallel_size = state["pp"]
     provider.expert_model_parallel_size = state["ep"]
@@ -243,15 +229,6 @@ def build_model(provider) -> List[torch.nn.Module]:
                                        post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=v),
                                        vp_stage=v))
     return chunks
-
-
-def broadcast_from_rank0(obj):
-    """`obj` as rank 0 has it, on every rank (no-op without a multi-rank group)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 # provide() asks the bridge for this policy (providers never import the bridge).

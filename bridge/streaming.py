@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import heapq
 import io
-import json
 import math
 import os
 import threading
@@ -47,7 +46,6 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
@@ -60,7 +58,8 @@ from torch.distributed.checkpoint.filesystem import FileSystem
 from torch.distributed.checkpoint.planner import WriteItemType
 from torch.overrides import TorchFunctionMode
 
-from bridge.checkpoint import capture_error, first_rank_error
+from bridge.output import output_transaction
+from bridge.ranks import ensure_process_group, gather, on_rank0
 from conversion import direct_io, integrity
 from conversion.direct_io import PAGE, DirectStream, buffer_address
 from conversion.errors import ConversionError
@@ -142,14 +141,6 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-
-
-def world() -> Tuple[int, int]:
-    """(rank, world size), creating the process group first if needed (torchrun's, or one process)."""
-    from bridge.parallel import ensure_process_group
-
-    ensure_process_group()
-    return dist.get_rank(), dist.get_world_size()
 
 
 def meta_model(bridge, dtype: torch.dtype, padded_vocab: Optional[int] = None):
@@ -498,12 +489,7 @@ class _OnDemandStrategy(TorchDistSaveShardedStrategy):
             self.planner.finish_writing()
         if self.planner.failure is not None:
             raise self.planner.failure
-        mine = (writer.fs.digests, self.source_sums_of_rank())
-        everyone = [mine]
-        if world()[1] > 1:
-            everyone = [None] * world()[1]
-            dist.all_gather_object(everyone, mine)
-        for digests, source_sums in everyone:
+        for digests, source_sums in gather((writer.fs.digests, self.source_sums_of_rank())):
             self.digests.update(digests)
             self.source_sums.update(source_sums)
 
@@ -517,7 +503,7 @@ def convert_hf_to_megatron(bridge, output: Path, dtype: Optional[torch.dtype] = 
     CLI starts it before importing megatron, see `integrity.share_checksums_in_background`)."""
     from bridge import checkpoint
 
-    rank, ranks = world()
+    rank, ranks = ensure_process_group()
     model = meta_model(bridge, dtype or bridge.default_dtype())
     state = checkpoint.sharded_state(model)
     sources, mine = plan_hf_to_megatron(state["model"], bridge.mapping_table(), rank, ranks)
@@ -676,15 +662,16 @@ def convert_megatron_to_hf(bridge, src: Path, output: Path, overwrite: bool = Fa
     running, as the CLI starts it before importing megatron); the output is not renamed into
     place unless they match, and a mismatch is the error reported even when reading failed.
 
-    Rank 0 creates the hidden output directory and lays out the safetensors files; every rank
-    writes its share of the tensors into them; rank 0 adds config.json, the index and the assets
-    and renames the directory into place once every rank succeeded.
+    Inside the output transaction (bridge/output.py: rank 0 creates the hidden output directory,
+    renames it into place once every rank succeeded, and any failure is raised on every rank),
+    rank 0 lays out the safetensors files; every rank writes its share of the tensors into them;
+    rank 0 adds the index, config.json and the assets.
     """
     from bridge import checkpoint
-    from bridge.parallel import broadcast_from_rank0
-    from conversion.safetensors_io import SafetensorsWriter, atomic_output_dir, dtype_from_name
+    from conversion.dtypes import dtype_from_name
+    from conversion.hf_writer import SafetensorsWriter
 
-    rank, ranks = world()
+    rank, ranks = ensure_process_group()
     meta = checkpoint.read_meta(src)
     if verified is None and rank == 0:
         verified = integrity.in_background(integrity.verify_megatron_checkpoint, src, meta)
@@ -699,24 +686,6 @@ def convert_megatron_to_hf(bridge, src: Path, output: Path, overwrite: bool = Fa
     mine = _interleave_files([r for r, owner in zip(rules, owners) if owner == rank],
                              lambda r: (specs[r.hf[0]][0], size_of[r.megatron]))
 
-    context = tmp = None
-    if rank == 0:
-        try:
-            context = atomic_output_dir(output, overwrite=overwrite)
-            tmp = context.__enter__()
-            SafetensorsWriter(tmp, specs, origins).create()
-        except BaseException as e:
-            if context is not None:
-                context.__exit__(type(e), e, e.__traceback__)
-            if ranks > 1:
-                broadcast_from_rank0(("error", str(e)))
-            raise
-    if ranks > 1:
-        status, value = broadcast_from_rank0(("ok", str(tmp)) if rank == 0 else None)
-        if status != "ok":
-            raise ConversionError(f"rank 0 could not create {output}: {value}")
-        tmp = Path(value)
-    writer = SafetensorsWriter(tmp, specs, origins)
     reader = DcpReader(checkpoint.checkpoint_dir(src))
     progress = Progress(sum(s for s, o in zip(sizes, owners) if o == rank), sum(len(r.hf) for r in mine),
                         "megatron -> hf", quiet or rank != 0)
@@ -742,38 +711,23 @@ def convert_megatron_to_hf(bridge, src: Path, output: Path, overwrite: bool = Fa
         if verified is not None:
             verified.result()
         writer.close()
-        missing = sorted({h for r in mine for h in r.hf} - writer.written)
-        if missing:
-            raise ConversionError(f"export did not produce {len(missing)} tensor(s), e.g. {missing[0]!r}")
+        writer.check_complete(h for r in mine for h in r.hf)
 
+    what = f"writing the Hugging Face checkpoint {output}"
     try:
-        if ranks == 1:
-            convert_share()
-        else:
-            error = first_rank_error(capture_error(convert_share))
-            if error:
-                raise ConversionError(f"writing the Hugging Face checkpoint {output} failed: {error}")
-    except BaseException as e:
-        if context is not None:
-            context.__exit__(type(e), e, e.__traceback__)
-        raise
+        with output_transaction(output, what, overwrite) as tmp:
+            writer = SafetensorsWriter(tmp, specs, origins)
+            on_rank0(writer.create, what)  # every file laid out before any rank writes into it
+            try:
+                convert_share()
+            finally:
+                writer.close(fsync=False)  # the transaction fsyncs every file before the rename
+            if rank == 0:  # its share written: the files only rank 0 writes
+                writer.write_index()
+                bridge.write_hf_config_and_assets(model, tmp)
     finally:
-        writer.close(fsync=False)  # atomic_output_dir fsyncs every file before the rename
         reader.close()
         progress.close()
-
-    def finish() -> None:  # rank 0: the non-weight files, then the atomic rename
-        try:
-            bridge._copy_assets(tmp)
-            (tmp / "config.json").write_text(json.dumps(bridge.export_config(model), indent=2) + "\n")
-            writer.write_index()
-        except BaseException as e:
-            context.__exit__(type(e), e, e.__traceback__)
-            raise
-        context.__exit__(None, None, None)
-
-    # the output is in place on every rank's return, or every rank fails with rank 0's error
-    checkpoint.on_rank0(finish if rank == 0 else None)
 
 
 def _interleave_files(rules: List, file_and_bytes: Callable) -> List:

@@ -291,7 +291,7 @@ def _verify(args: argparse.Namespace) -> int:
     import torch
 
     from conversion.integrity import verify_megatron_checkpoint
-    from conversion.safetensors_io import dtype_from_name, dtype_name
+    from conversion.dtypes import dtype_from_name, dtype_name
 
     verify_megatron_checkpoint(Path(args.mcore_path), meta)  # before loading anything heavy
     dtype = torch.float32 if args.dtype == "fp32" else dtype_from_name(meta["params_dtype"])

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from bridge.ranks import gather, world
 from conversion.errors import ConversionError
 from conversion.nemotron_h import canonical_expert_name
 from conversion.mappings import MappingKind
@@ -107,12 +108,6 @@ def local_tensors(chunks_lms: List[torch.nn.Module]) -> Dict[str, torch.Tensor]:
     return out
 
 
-def _world() -> Tuple[int, int]:
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def owners(local: Dict[str, torch.Tensor]) -> Dict[str, Tuple[int, torch.dtype]]:
     """Canonical name -> (the lowest global rank that holds it, its dtype); the same on all ranks.
 
@@ -120,13 +115,9 @@ def owners(local: Dict[str, torch.Tensor]) -> Dict[str, Tuple[int, torch.dtype]]
     and is replicated over data-parallel ranks and sliced over its TP / expert-TP group, so the
     lowest holder is a well-defined source for the gathered full tensor.
     """
-    rank, world = _world()
-    if world == 1:
-        return {name: (0, t.dtype) for name, t in local.items()}
-    gathered: List = [None] * world
-    dist.all_gather_object(gathered, {name: str(t.dtype).split(".")[-1] for name, t in local.items()})
+    gathered = gather({name: str(t.dtype).split(".")[-1] for name, t in local.items()})
     out: Dict[str, Tuple[int, torch.dtype]] = {}
-    for r in range(world - 1, -1, -1):
+    for r in range(len(gathered) - 1, -1, -1):
         for name, dtype in gathered[r].items():
             out[name] = (r, getattr(torch, dtype))
     return out
@@ -151,8 +142,8 @@ def move_full_tensor(full: Optional[torch.Tensor], owner: int, dtype: torch.dtyp
     in a small int64 tensor, then the data. Ranks that do not receive return None. All ranks must
     call this for the same tensors in the same order (export walks the name table in order).
     """
-    rank, world = _world()
-    if world == 1:
+    rank, size = world()
+    if size == 1:
         return full
     if owner == writer and not to_all:
         return full if rank == writer else None

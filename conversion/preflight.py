@@ -20,6 +20,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from conversion.dtypes import dtype_name
 from conversion.errors import ConversionError
 from conversion.mappings import Mapping, fmt_shape
 
@@ -73,21 +74,17 @@ def check_tensors(where: str, shapes: Dict[str, Shape], dtypes: Dict[str, torch.
     for name, dtype in dtypes.items():
         if by_name[name].integer:
             if dtype != torch.int64:
-                raise ConversionError(f"{loc(name)}: tensor {name!r} has dtype {_dname(dtype)}, expected int64")
+                raise ConversionError(f"{loc(name)}: tensor {name!r} has dtype {dtype_name(dtype)}, expected int64")
         elif main is None or (dtype != main and dtype != torch.float32):
-            allowed = ("a floating-point dtype" if main is None else f"{_dname(main)} (the checkpoint's dtype)"
+            allowed = ("a floating-point dtype" if main is None else f"{dtype_name(main)} (the checkpoint's dtype)"
                        + (" or float32" if main != torch.float32 else ""))
-            raise ConversionError(f"{loc(name)}: tensor {name!r} has dtype {_dname(dtype)}, expected {allowed}")
+            raise ConversionError(f"{loc(name)}: tensor {name!r} has dtype {dtype_name(dtype)}, expected {allowed}")
     for name, shape in shapes.items():
         try:
             by_name[name].check_hf(name, shape)
         except ConversionError as e:
             raise ConversionError(f"{loc(name)}: {e}") from None
     return main
-
-
-def _dname(dtype) -> str:
-    return str(dtype).replace("torch.", "")
 
 
 def output_bytes(shapes: Dict[str, Shape], dtypes: Dict[str, torch.dtype], target: Optional[torch.dtype] = None) -> int:

@@ -1,38 +1,28 @@
-"""Reading and writing Hugging Face safetensors checkpoints (single file or sharded with an index).
+"""Reading Hugging Face safetensors checkpoints (single file or sharded with an index), lazily.
 
-Reading is lazy: `HFCheckpoint.get` maps one tensor's bytes at a time (`map_bytes`: a private
-mapping of just that tensor, no copy), so nothing larger than the tensor asked for is resident (the
-mapped pages count in the process's RSS while the tensor lives; `drop_pages` releases them early),
-and threads can read in parallel. Writing (`SafetensorsWriter`) lays every file out from the names,
-dtypes and shapes first (header, offsets, file size), then each tensor is written at its offset with
-`os.pwrite` whenever it arrives, in any order, from any thread or rank: no file is ever buffered
-in memory. The safetensors library has no such writer (`save_file` takes a whole dict of tensors);
-the files are plain safetensors (8-byte header length, JSON header, contiguous data) and the tests
-read them back with the safetensors library and transformers. Output keeps the shard layout of the
-source when one is given (so HF -> Megatron -> HF gives back the same files), otherwise it packs
-tensors into shards of at most `max_shard_bytes`.
+`HFCheckpoint.get` maps one tensor's bytes at a time (`map_bytes`: a private mapping of just that
+tensor, no copy), so nothing larger than the tensor asked for is resident (the mapped pages count
+in the process's RSS while the tensor lives; `drop_pages` releases them early), and threads can
+read in parallel. Every shard's header is read and checked when the checkpoint is opened
+(`read_safetensors_header`), so a truncated or corrupt file fails there. Writing is
+conversion/hf_writer.py; output directories are conversion/output_dir.py.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import ctypes
-import errno
 import json
 import math
 import mmap
 import os
-import shutil
 import sys
-import tempfile
 import threading
 import weakref
 from pathlib import Path
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, List, Tuple
 
 import torch
-from conversion.direct_io import PAGE, DirectFile
+from conversion.dtypes import SAFETENSORS, dtype_from_safetensors, dtype_name
 from conversion.errors import ConversionError
 from conversion.hf_paths import checkpoint_member
 
@@ -40,34 +30,6 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.bin")
 
-# safetensors dtype strings <-> torch dtypes (the ones checkpoints of this model use, plus ints).
-_ST_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-_TORCH_TO_NAME = {
-    torch.float64: "float64", torch.float32: "float32", torch.float16: "float16",
-    torch.bfloat16: "bfloat16", torch.int64: "int64", torch.int32: "int32", torch.int16: "int16",
-    torch.int8: "int8", torch.uint8: "uint8", torch.bool: "bool",
-}
-_NAME_TO_TORCH = {v: k for k, v in _TORCH_TO_NAME.items()}
-_TORCH_TO_ST = {v: k for k, v in _ST_DTYPES.items()}
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return _TORCH_TO_NAME[dtype]
-
-
-def dtype_from_name(name: str) -> torch.dtype:
-    try:
-        return _NAME_TO_TORCH[name]
-    except KeyError:
-        raise ConversionError(f"unknown dtype {name!r}; expected one of {sorted(_NAME_TO_TORCH)}") from None
-
-
-_ST_ELEMENT_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-                     "BOOL": 1}
 _MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
 
 
@@ -115,15 +77,13 @@ def _read_header(path: Path) -> Dict[str, Tuple[str, Tuple[int, ...], int]]:
         except (TypeError, KeyError, ValueError):
             raise ConversionError(f"{path}: corrupt safetensors header: entry for tensor {name!r} needs "
                                   "'dtype', 'shape' and 'data_offsets' [begin, end]") from None
-        if st_dtype not in _ST_ELEMENT_BYTES:
+        if st_dtype not in SAFETENSORS.values():
             raise ConversionError(f"{path}: tensor {name!r} has unsupported dtype {st_dtype!r} "
-                                  f"(expected one of {sorted(_ST_ELEMENT_BYTES)})")
-        numel = 1
-        for d in shape:
-            numel *= d
-        if stop - begin != numel * _ST_ELEMENT_BYTES[st_dtype]:
+                                  f"(expected one of {sorted(SAFETENSORS.values())})")
+        nbytes = nbytes_of(shape, dtype_from_safetensors(st_dtype))
+        if stop - begin != nbytes:
             raise ConversionError(f"{path}: corrupt safetensors header: tensor {name!r} {st_dtype} {list(shape)} "
-                                  f"needs {numel * _ST_ELEMENT_BYTES[st_dtype]} bytes, its data offsets give {stop - begin}")
+                                  f"needs {nbytes} bytes, its data offsets give {stop - begin}")
         end = max(end, stop)
         out[name] = (st_dtype, tuple(shape), 8 + n + begin)
     data = size - 8 - n
@@ -235,7 +195,7 @@ class HFCheckpoint:
                 if name not in header:
                     raise ConversionError(f"{self.root / file_name}: tensor {name!r} listed in the index is missing")
                 st_dtype, shape, _ = header[name]
-                self._meta[name] = (_ST_DTYPES[st_dtype], shape)
+                self._meta[name] = (dtype_from_safetensors(st_dtype), shape)
             unlisted = sorted(n for n in header if self.weight_map.get(n) != file_name)
             if unlisted:
                 where = f"{INDEX_NAME} lists it in {self.weight_map[unlisted[0]]!r}" if unlisted[0] in self.weight_map \
@@ -287,30 +247,6 @@ class HFCheckpoint:
                    "shape": list(self._meta[name][1]), "offset": self._header(self.weight_map[name])[name][2]}
             for name in self.weight_map
         }
-
-
-def plan_shards(tensors: Iterable[Tuple[str, int]], max_shard_bytes: int) -> Dict[str, str]:
-    """Assign (name, nbytes) pairs, in order, to `model-0000i-of-0000n.safetensors` files."""
-    groups: List[List[str]] = [[]]
-    size = 0
-    for name, nbytes in tensors:
-        if groups[-1] and size + nbytes > max_shard_bytes:
-            groups.append([])
-            size = 0
-        groups[-1].append(name)
-        size += nbytes
-    if len(groups) == 1:
-        return {name: SINGLE_NAME for name in groups[0]}
-    n = len(groups)
-    return {name: f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i, g in enumerate(groups) for name in g}
-
-
-def _byte_view(tensor: torch.Tensor):
-    """The bytes of a contiguous CPU tensor as a writable buffer (no copy; the caller keeps `tensor`
-    alive while using it). Not via `.numpy()`, which would pin the storage for good and make it
-    impossible to free early (see bridge/streaming.py)."""
-    assert tensor.is_contiguous() and tensor.device.type == "cpu"
-    return memoryview((ctypes.c_char * tensor.nbytes).from_address(tensor.data_ptr())).cast("B")
 
 
 def _libc():
@@ -378,360 +314,3 @@ def drop_pages(tensor: torch.Tensor) -> None:
     if end > begin and _LIBC is not None:
         _LIBC.madvise(begin, end - begin, mmap.MADV_DONTNEED)
 
-
-def _data_start_residue(entries: Dict[str, dict], origins: Dict[str, int]) -> int:
-    """Where, modulo the page size, a safetensors file's data should start so that its largest
-    tensor with a known origin sits at the page offset it had in its source file (every tensor
-    does when the file holds the source file's tensors in the source's order); a page boundary
-    without origins. Kept a multiple of 8 (the safetensors library's alignment)."""
-    known = [(e["data_offsets"][1] - e["data_offsets"][0], n) for n, e in entries.items() if n in origins]
-    if not known:
-        return 0
-    _, name = max(known)
-    residue = (origins[name] - entries[name]["data_offsets"][0]) % PAGE
-    return residue if residue % 8 == 0 else 0
-
-
-class SafetensorsWriter:
-    """Safetensors files laid out up front, filled tensor by tensor at known offsets.
-
-    `specs`: name -> (file name, torch dtype, shape). Within a file, tensors are ordered as in the
-    source file they came from (`origins`: name -> the tensor's byte offset there, from the
-    manifest), else as the safetensors library orders them (wider dtypes first, then by name); the
-    header is padded with spaces (which the format allows) so that the data starts where it
-    started in the source modulo the page size (else at a page boundary). Each tensor then sits at
-    the page offset it had in the source, as its mapping in a checkpoint converted from that
-    source does (bridge/streaming.py places them so): it goes to the disk without a copy
-    (`direct_io.DirectFile`). `create()` writes every header and sizes every file (one process:
-    rank 0); `write(name, tensor)` may then be called from any thread or process, in any order;
-    `close()` flushes. `missing()` names the tensors not written by this writer object.
-    """
-
-    def __init__(self, out_dir: Path, specs: Dict[str, Tuple[str, torch.dtype, Tuple[int, ...]]],
-                 origins: Optional[Dict[str, int]] = None):
-        self.out_dir = Path(out_dir)
-        self.specs = specs
-        self.offsets: Dict[str, int] = {}
-        self.file_sizes: Dict[str, int] = {}
-        self.headers: Dict[str, bytes] = {}
-        origins = origins or {}
-        for file_name in sorted({f for f, _, _ in specs.values()}):
-            names = sorted((n for n, (f, _, _) in specs.items() if f == file_name),
-                           key=lambda n: (0, origins[n], nbytes_of(specs[n][2], specs[n][1]), n) if n in origins
-                           else (1, -specs[n][1].itemsize, n))  # (an empty tensor sits before one at its offset)
-            entries, pos = {}, 0
-            for n in names:
-                _, dtype, shape = specs[n]
-                nbytes = nbytes_of(shape, dtype)
-                entries[n] = {"dtype": _TORCH_TO_ST[dtype], "shape": list(shape), "data_offsets": [pos, pos + nbytes]}
-                pos += nbytes
-            header = json.dumps({"__metadata__": {"format": "pt"}, **entries}, separators=(",", ":")).encode()
-            header += b" " * ((_data_start_residue(entries, origins) - 8 - len(header)) % PAGE)
-            start = 8 + len(header)
-            self.headers[file_name] = len(header).to_bytes(8, "little") + header
-            self.file_sizes[file_name] = start + pos
-            for n in names:
-                self.offsets[n] = start + entries[n]["data_offsets"][0]
-        self._files: Dict[str, DirectFile] = {}
-        self._lock = threading.Lock()
-        self.written: set = set()
-        self._paused = False
-
-    def create(self) -> None:
-        for file_name, header in self.headers.items():
-            with open(self.out_dir / file_name, "wb") as f:
-                f.write(header)
-                allocate(f.fileno(), self.file_sizes[file_name])
-
-    def _file(self, file_name: str) -> DirectFile:
-        with self._lock:
-            if file_name not in self._files:
-                self._files[file_name] = DirectFile(self.out_dir / file_name)
-            return self._files[file_name]
-
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        if name not in self.specs:
-            raise ConversionError(f"export produced tensor {name!r} that has no destination file")
-        file_name, dtype, shape = self.specs[name]
-        if tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
-            raise ConversionError(f"export produced tensor {name!r} as {tensor.dtype} {tuple(tensor.shape)}, "
-                                  f"expected {dtype} {tuple(shape)}")
-        with self._lock:
-            if name in self.written:
-                raise ConversionError(f"export produced tensor {name!r} twice")
-            self.written.add(name)
-        tensor = tensor.detach().cpu().contiguous()
-        self._file(file_name).pwrite(_byte_view(tensor), self.offsets[name])
-        if not self._paused:
-            self._paused = True
-            pause_for_tests("mid-export")
-
-    @property
-    def direct_bytes(self) -> int:
-        """Bytes written to the disk directly so far (see `direct_io`)."""
-        return sum(f.direct_bytes for f in self._files.values())
-
-    def missing(self) -> List[str]:
-        return sorted(set(self.specs) - self.written)
-
-    def close(self, fsync: bool = True) -> None:
-        with self._lock:
-            files, self._files = list(self._files.values()), {}
-        for f in files:
-            f.close(fsync=fsync)
-
-    def write_index(self) -> None:
-        """`model.safetensors.index.json` when there is more than one file."""
-        if len(self.headers) > 1:
-            total = sum(nbytes_of(shape, dtype) for _, dtype, shape in self.specs.values())
-            index = {"metadata": {"total_size": total},
-                     "weight_map": {n: f for n, (f, _, _) in sorted(self.specs.items())}}
-            (self.out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-
-
-def write_hf_weights(out_dir: Path, tensors: Iterator[Tuple[str, torch.Tensor]],
-                     specs: Dict[str, Tuple[str, torch.dtype, Tuple[int, ...]]],
-                     origins: Optional[Dict[str, int]] = None) -> None:
-    """Write `tensors` (every name of `specs`, once) into the safetensors files `specs` names, + index."""
-    writer = SafetensorsWriter(out_dir, specs, origins)
-    writer.create()
-    try:
-        for name, tensor in tensors:
-            writer.write(name, tensor)
-    finally:
-        writer.close()
-    missing = writer.missing()
-    if missing:
-        raise ConversionError(f"export did not produce {len(missing)} tensor(s), e.g. {missing[0]!r}")
-    writer.write_index()
-
-
-# ---------------------------------------------------------------------------- output directories
-#
-# Outputs are written into a hidden sibling `.{name}.tmp-{host}-{pid}-{random}` and renamed to
-# `{name}` only when complete; `--overwrite` moves the old output to `.{name}.old-{host}-{pid}` for
-# the moment of the swap. A run killed at any moment (SIGKILL, OOM, power loss) therefore leaves at
-# most such hidden siblings, never a directory at the output path. The next run into the same
-# output removes the siblings whose process (same host, pid not running) is gone; siblings of a
-# live process (a concurrent run) or of another host (shared file systems) are left alone.
-
-_FINALIZER: "contextvars.ContextVar[Optional[Callable[[Path], None]]]" = contextvars.ContextVar("finalizer", default=None)
-
-
-@contextlib.contextmanager
-def finalize_outputs_with(fn: Callable[[Path], None]):
-    """Within this block, `atomic_output_dir` calls `fn(tmp)` once the output is complete and
-    before it is renamed into place (the Megatron checkpoint writes its checksum file this way)."""
-    token = _FINALIZER.set(fn)
-    try:
-        yield
-    finally:
-        _FINALIZER.reset(token)
-
-
-FREE_BYTES_ENV = "BRIDGE_FAKE_FREE_BYTES"   # tests: pretend the output's file system has this many free bytes
-TEST_PAUSE_ENV = "BRIDGE_TEST_PAUSE"        # tests: "POINT:MARKER_FILE" -> at POINT, create MARKER_FILE and sleep
-
-
-def pause_for_tests(point: str) -> None:
-    """Test hook for the interruption tests: with BRIDGE_TEST_PAUSE=POINT:FILE[:GO], create FILE at
-    POINT and wait (up to 10 minutes, or until the file GO exists) so that the test can kill or
-    interrupt the process there, or run another one meanwhile. Points:
-    `before-rename` (the output is complete in its temporary directory) and `mid-export` (the
-    export has laid out its safetensors files and written its first tensor). Unset (always, outside tests): does nothing."""
-    spec = os.environ.get(TEST_PAUSE_ENV)
-    if not spec or spec.split(":", 1)[0] != point:
-        return
-    import time
-
-    _, marker, go = (spec.split(":", 2) + [""])[:3]
-    Path(marker).write_text(str(os.getpid()))
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline and not (go and Path(go).exists()):  # POINT:MARKER:GO resumes on GO
-        time.sleep(0.05)
-
-
-def _host() -> str:
-    return "".join(c if c.isalnum() or c in "-_" else "_" for c in os.uname().nodename) or "host"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def remove_stale_temporaries(path: str | os.PathLike) -> List[Path]:
-    """Remove `.{name}.tmp-*` / `.{name}.old-*` siblings left by killed runs on this host."""
-    path = Path(path)
-    removed = []
-    if not path.parent.is_dir():
-        return removed
-    host = _host()
-    for kind in ("tmp", "old"):
-        prefix = f".{path.name}.{kind}-{host}-"
-        for sibling in path.parent.glob(f".{glob_escape(path.name)}.{kind}-*"):
-            rest = sibling.name[len(prefix):] if sibling.name.startswith(prefix) else ""
-            pid = rest.split("-", 1)[0]
-            if pid.isdigit() and not _pid_alive(int(pid)) and sibling.is_dir():
-                shutil.rmtree(sibling, ignore_errors=True)
-                removed.append(sibling)
-    return removed
-
-
-def glob_escape(name: str) -> str:
-    return "".join(f"[{c}]" if c in "*?[]" else c for c in name)
-
-
-def check_output_path(path: str | os.PathLike, overwrite: bool = False,
-                      inputs: Iterable[str | os.PathLike] = ()) -> Path:
-    """Refuse an output path that exists and is not an empty directory (unless `overwrite`), that
-    is a file, or that is / contains / lies inside one of the `inputs`. Cheap; run it before any work."""
-    path = Path(path)
-    resolved = path.resolve()
-    for src in inputs:
-        src = Path(src).resolve()
-        if resolved == src or resolved in src.parents or src in resolved.parents:
-            raise ConversionError(f"{path}: output path must be outside the input {src} (and not contain it)")
-    if path.exists() or path.is_symlink():
-        if not path.is_dir():
-            raise ConversionError(f"{path}: output path exists and is not a directory")
-        if any(path.iterdir()) and not overwrite:
-            raise ConversionError(f"{path}: output path exists and is not empty (pass --overwrite to replace it)")
-    return path
-
-
-def free_bytes(directory: str | os.PathLike) -> int:
-    """Free bytes on the file system that holds `directory` (its nearest existing ancestor).
-    BRIDGE_FAKE_FREE_BYTES, when set, is returned instead (for tests); it is read only here."""
-    fake = os.environ.get(FREE_BYTES_ENV)
-    if fake:
-        return int(fake)
-    d = Path(directory).absolute()
-    while not d.exists() and d != d.parent:
-        d = d.parent
-    return shutil.disk_usage(d).free
-
-
-def check_free_space(output: str | os.PathLike, needed: int, what: str = "the output") -> None:
-    """Refuse to start when the output's file system has fewer than `needed` free bytes."""
-    output = Path(output)
-    free = free_bytes(output.parent)
-    if needed > free:
-        raise ConversionError(f"{output}: not enough free disk space for {what}: needs about {_gib(needed)} "
-                              f"({needed} bytes), the file system of {output.parent} has {_gib(free)} free")
-
-
-def _gib(n: int) -> str:
-    return f"{n / 1024**3:.2f} GiB" if n >= 1024**2 else f"{n} B"
-
-
-def dir_bytes(directory: str | os.PathLike, keep=lambda p: True) -> int:
-    return sum(p.stat().st_size for p in Path(directory).rglob("*") if p.is_file() and keep(p))
-
-
-@contextlib.contextmanager
-def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False):
-    """Yield a temporary sibling directory that is renamed to `path` only when the block succeeds.
-
-    A crash or kill at any moment leaves at most a hidden `.{name}.tmp-*` sibling, never a directory
-    at `path` that looks like a finished checkpoint; the next run removes it (see above). On an
-    exception (including Ctrl-C) the temporary is removed, and so are parent directories this call
-    created.
-    """
-    path = Path(path)
-    check_output_path(path, overwrite)
-    created = []
-    parent = path.parent.absolute()
-    while not parent.exists():
-        created.append(parent)
-        parent = parent.parent
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(path)
-    tag = f"{_host()}-{os.getpid()}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{tag}-", dir=path.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700; the output gets the usual permissions
-    try:
-        yield tmp
-        finalizer = _FINALIZER.get()
-        if finalizer is not None:
-            finalizer(tmp)
-        pause_for_tests("before-rename")
-        fsync_tree(tmp)
-        _publish(tmp, path, overwrite, tag)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        for d in created:  # innermost first
-            try:
-                d.rmdir()
-            except OSError:
-                break
-        raise
-    _fsync_path(path.parent)
-
-
-def fsync_tree(root: Path) -> None:
-    """Every file and directory under `root` (and `root`) on stable storage: a crash after the
-    rename that publishes it must not leave a checkpoint whose files are partly unwritten."""
-    for directory, _, files in os.walk(root):
-        for name in files:
-            _fsync_path(Path(directory) / name)
-        _fsync_path(Path(directory))
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-_RENAME_EXCHANGE = 2  # renameat2(2) flag: swap the two paths atomically (Linux >= 3.15)
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two directories (renameat2 RENAME_EXCHANGE); False where unsupported."""
-    fn = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
-    if fn is None:
-        return False
-    at_fdcwd = -100
-    if fn(at_fdcwd, os.fsencode(str(a)), at_fdcwd, os.fsencode(str(b)), _RENAME_EXCHANGE) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-        return False
-    raise OSError(err, os.strerror(err), str(a), None, str(b))
-
-
-def _publish(tmp: Path, path: Path, overwrite: bool, tag: str) -> None:
-    """Rename the complete temporary `tmp` to `path`.
-
-    Without `overwrite`: a plain rename(2), which replaces nothing but an empty directory, so of
-    two runs into one output the one that finishes second fails (naming the output) instead of
-    replacing the first one's result. With `overwrite` and an existing output: the two directories
-    are swapped atomically (renameat2 RENAME_EXCHANGE), so at every moment `path` is either the old
-    or the new output; the old one is then removed. Where the file system cannot swap, the old
-    output is first renamed to a hidden `.NAME.old-*` sibling (which survives a crash in between)."""
-    try:
-        os.rename(tmp, path)
-        return
-    except OSError as e:
-        if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
-            raise
-        if not overwrite:
-            raise ConversionError(f"{path}: another run completed this output while this one was running; "
-                                  "this run's result was discarded (pass --overwrite to replace it)") from None
-    if _exchange(tmp, path):
-        shutil.rmtree(tmp, ignore_errors=True)  # the old output, now at the temporary's name
-        return
-    old = path.with_name(f".{path.name}.old-{tag}")
-    path.rename(old)
-    tmp.rename(path)
-    shutil.rmtree(old, ignore_errors=True)

@@ -8,7 +8,10 @@ from typing import List, Sequence, Tuple
 
 
 def launcher_rank() -> Tuple[int, int]:
-    """(rank, world size) that torchrun gives this process (RANK / WORLD_SIZE), else (0, 1)."""
+    """(rank, world size) that torchrun gives this process (RANK / WORLD_SIZE), else (0, 1).
+
+    Read from the environment, not from torch.distributed (bridge/ranks.py's `world()`): the CLIs
+    need the rank before torch is imported and the process group exists."""
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 

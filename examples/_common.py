@@ -22,7 +22,6 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as `python examples/x.py` from a checkout without installing
     sys.path.insert(0, str(REPO))
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 PROCESSOR_CONFIGS = ("processor_config.json", "preprocessor_config.json")  # transformers 5 / older layout
 
 
@@ -40,9 +39,9 @@ def quiet() -> None:
 
 
 def rank() -> int:
-    import torch.distributed as dist
+    from bridge.ranks import world
 
-    return dist.get_rank() if dist.is_initialized() else 0
+    return world()[0]
 
 
 def print0(*args, **kwargs) -> None:

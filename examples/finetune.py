@@ -72,7 +72,8 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DTYPES, print0, quiet  # noqa: E402
+from _common import print0, quiet  # noqa: E402
+from conversion.dtypes import FLAGS, dtype_from_name  # noqa: E402
 from providers.cpu_compat import apply_cpu_training_patches  # noqa: E402
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -97,7 +98,7 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ep", type=int, default=1)
     p.add_argument("--cp", type=int, default=1)
     p.add_argument("--etp", type=int, default=None, help="expert tensor parallel size (default: --tp, as megatron)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: the checkpoint's dtype")
+    p.add_argument("--dtype", choices=sorted(FLAGS), default=None, help="default: the checkpoint's dtype")
     p.add_argument("--seed", type=int, default=1234)
 
 
@@ -127,13 +128,13 @@ def parse_args(argv=None):
 def init_parallel(args) -> Dict[str, int]:
     from megatron.core import parallel_state as ps
 
-    from bridge.parallel import ensure_process_group, ensure_parallel_state
+    from bridge.parallel import ensure_parallel_state
+    from bridge.ranks import ensure_process_group
 
-    ensure_process_group()
+    _, world = ensure_process_group()
     if args.cp > 1 and not torch.cuda.is_available():
         raise SystemExit("error: --cp > 1 needs Transformer Engine's attention (GPU): megatron-core 0.16.1's local "
                          "DotProductAttention, the one the CPU build uses, asserts context_parallel_size == 1")
-    world = dist.get_world_size()
     if world % (args.tp * args.pp * args.cp):
         raise SystemExit(f"error: world size {world} is not divisible by TP={args.tp} x PP={args.pp} x CP={args.cp}")
     if not ps.model_parallel_is_initialized():
@@ -496,11 +497,9 @@ def save_checkpoint(bridge, chunks, optimizer, iteration: int, output: Path, lay
     from megatron.core import dist_checkpointing
 
     from bridge import checkpoint
-    from bridge.auto_bridge import _is_weight_file
-    from bridge.weights import model_chunks
-    from conversion.safetensors_io import dtype_name
+    from bridge.ranks import world
 
-    rank = dist.get_rank()
+    rank = world()[0]
     sub = output / f"iter_{iteration:07d}"
     if rank == 0:
         sub.mkdir(parents=True, exist_ok=True)
@@ -508,18 +507,7 @@ def save_checkpoint(bridge, chunks, optimizer, iteration: int, output: Path, lay
     dist_checkpointing.save(_state(chunks, optimizer, iteration), str(sub))
     dist.barrier()
     if rank == 0 and bridge is not None:
-        lm = bridge._language_model(model_chunks(chunks)[0])
-        meta = {"format": checkpoint.META_FORMAT, "hf_config": bridge.config.raw,
-                "provider_fields": bridge.provider_fields(), "params_dtype": dtype_name(lm.config.params_dtype),
-                "padded_vocab_size": lm.vocab_size, "hf_manifest": bridge.manifest, "layout": layout}
-        (output / checkpoint.META_NAME).write_text(json.dumps(meta, indent=1) + "\n")
-        assets = output / checkpoint.ASSETS_DIR
-        if not assets.exists() and bridge.assets_dir is not None:
-            assets.mkdir()
-            for src in sorted(Path(bridge.assets_dir).rglob("*")):
-                if src.is_file() and not _is_weight_file(src.name) and src.name != "config.json":
-                    (assets / src.relative_to(bridge.assets_dir)).parent.mkdir(parents=True, exist_ok=True)
-                    (assets / src.relative_to(bridge.assets_dir)).write_bytes(src.read_bytes())
+        checkpoint.write_bridge_files(output, bridge.megatron_meta(chunks, layout), bridge.assets_dir)
     if rank == 0:
         (output / (TRACKER + ".tmp")).write_text(str(iteration))
         (output / (TRACKER + ".tmp")).replace(output / TRACKER)  # the tracker moves last
@@ -603,7 +591,7 @@ def main(argv=None) -> int:
 
     torch.manual_seed(args.seed)
     bridge = AutoBridge.from_hf_pretrained(args.hf_path)
-    provider = bridge.to_megatron_provider(DTYPES[args.dtype] if args.dtype else None)
+    provider = bridge.to_megatron_provider(dtype_from_name(args.dtype) if args.dtype else None)
     provider.perform_initialization = False  # every weight comes from the checkpoint
     configure_provider(provider, args)
     for name in FREEZABLE:

@@ -40,9 +40,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
-    DTYPES, find_file, forward_logits, load_audio, load_image, load_tokenizer, load_video, parse_ids, quiet,
+    find_file, forward_logits, load_audio, load_image, load_tokenizer, load_video, parse_ids, quiet,
     video_token_count,
 )
+from conversion.dtypes import FLAGS, dtype_from_name  # noqa: E402
 
 
 def load_model(args):
@@ -51,7 +52,7 @@ def load_model(args):
     from bridge.parallel import build_model, ensure_parallel_state
 
     ensure_parallel_state()  # one process: a one-rank gloo group and megatron's parallel state
-    dtype = DTYPES[args.dtype] if args.dtype else None
+    dtype = dtype_from_name(args.dtype) if args.dtype else None
     if args.hf_path:
         bridge = AutoBridge.from_hf_pretrained(args.hf_path)
         provider = bridge.to_megatron_provider(dtype)
@@ -131,7 +132,7 @@ def main(argv=None) -> int:
                                         "[frames,H,W,3] frames, or a video file)")
     parser.add_argument("--audio", help="Omni: audio (.npy/.pt [frames, mel_bins] mel features, or an audio file)")
     parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: the checkpoint's dtype")
+    parser.add_argument("--dtype", choices=sorted(FLAGS), default=None, help="default: the checkpoint's dtype")
     args = parser.parse_args(argv)
     quiet()
 

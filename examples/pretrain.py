@@ -31,7 +31,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DTYPES, quiet  # noqa: E402
+from _common import quiet  # noqa: E402
+from conversion.dtypes import dtype_from_name  # noqa: E402
 from finetune import TRACKER, add_training_args, check_training_args, configure_provider, init_parallel, train  # noqa: E402
 
 PRESETS = {
@@ -76,7 +77,7 @@ def build_provider(args):
     if "hybrid_override_pattern" in fields:
         fields["num_layers"] = len(fields["hybrid_override_pattern"])
     provider = NemotronHModelProvider(**fields)
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if torch.cuda.is_available() else torch.float32)
+    dtype = dtype_from_name(args.dtype) if args.dtype else (torch.bfloat16 if torch.cuda.is_available() else torch.float32)
     provider.params_dtype = dtype
     provider.bf16, provider.fp16 = dtype == torch.bfloat16, dtype == torch.float16
     configure_provider(provider, args)

@@ -22,10 +22,8 @@ from megatron.core.activations import squared_relu
 from megatron.core.models.vision.multimodal_projector import MultimodalProjector
 from megatron.core.transformer import TransformerConfig
 
+from conversion.dtypes import dtype_from_name
 from providers.mamba_provider import NemotronHModelProvider, use_transformer_engine
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int64": torch.int64,
-           "int32": torch.int32}
 
 
 def carried_tensor_module(carried: dict) -> torch.nn.Module:
@@ -45,7 +43,7 @@ def tensor_tree(tensors: dict, float_dtype: Optional[torch.dtype] = None) -> tor
             if part not in module._modules:
                 module.add_module(part, torch.nn.Module())
             module = module._modules[part]
-        dtype = _DTYPES[meta["dtype"]]
+        dtype = dtype_from_name(meta["dtype"])
         if float_dtype is not None and dtype.is_floating_point:
             dtype = float_dtype
         module.register_buffer(leaf, torch.zeros(meta["shape"], dtype=dtype))

@@ -9,20 +9,32 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 BIN = Path(sys.executable).parent
+ROOT = Path(__file__).resolve().parents[1]
 PROGRESS_LINE = re.compile(r"^(hf -> megatron|megatron -> hf): ")  # bridge/streaming.py's tqdm bars
 
 
-def run_cli(name: str, *args, env: Optional[Dict[str, str]] = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, **(env or {})}
-    return subprocess.run([str(BIN / name), *map(str, args)], capture_output=True, text=True, timeout=timeout,
-                          env=full_env)
+def cli_command(name: str, *args, hooks: Sequence[str] = ()) -> Tuple[List[str], Dict[str, str]]:
+    """The command line and environment that run the console script `name` with `args`; with
+    `hooks` (tests/hooked_cli.py's options, e.g. `--free-bytes 10`) through tests/hooked_cli.py,
+    which installs them first."""
+    if not hooks:
+        return [str(BIN / name), *map(str, args)], dict(os.environ)
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)  # `tests` importable
+    return ([sys.executable, "-m", "tests.hooked_cli", *map(str, hooks), name, *map(str, args)],
+            {**os.environ, "PYTHONPATH": path})
+
+
+def run_cli(name: str, *args, env: Optional[Dict[str, str]] = None, hooks: Sequence[str] = (),
+            timeout: int = 300) -> subprocess.CompletedProcess:
+    cmd, full_env = cli_command(name, *args, hooks=hooks)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**full_env, **(env or {})})
 
 
 def read_all(path: Path) -> Dict[str, tuple]:

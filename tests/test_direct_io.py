@@ -21,7 +21,9 @@ from safetensors.torch import load_file, save_file
 
 import conversion.direct_io as dio
 from conversion.direct_io import PAGE, DirectFile, DirectStream, buffer_address
-from conversion.safetensors_io import HFCheckpoint, SafetensorsWriter, _data_start_residue, dtype_from_name
+from conversion.dtypes import dtype_from_name
+from conversion.hf_writer import SafetensorsWriter, _data_start_residue
+from conversion.safetensors_io import HFCheckpoint
 
 P = PAGE
 SMALL_MIN_DIRECT = 2 * P

@@ -82,7 +82,7 @@ def test_full_size_omni_on_meta(parallel_state):
     from transformers import NemotronH_Omni_Reasoning_V3, NemotronH_Omni_Reasoning_V3_Config
 
     from bridge import weights as W
-    from conversion.safetensors_io import dtype_name
+    from conversion.dtypes import dtype_name
 
     raw = json.loads((DATA / CONFIGS[0]).read_text())
     raw["architectures"] = ["NemotronH_Omni_Reasoning_V3"]

@@ -4,7 +4,7 @@ Each case feeds a broken input to `convert-hf-to-mcore` / `convert-mcore-to-hf` 
 checks: the exit code, ONE `error:` line on stderr naming the file / tensor / field, no traceback,
 and no output directory (nor hidden temporary) left behind. The cases that fail before megatron
 is imported run concurrently (a few seconds each); the kill / Ctrl-C tests interrupt a real
-conversion at a known point with the documented BRIDGE_TEST_PAUSE hook.
+conversion at a known point with the pause hook that tests/hooked_cli.py installs.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from conversion.errors import ConversionError
 from conversion.mappings import expected_hf
 from conversion.safetensors_io import HFCheckpoint, read_safetensors_header
 from tests.cli_helpers import (
-    BIN, assert_clean_failure, copy_dir, edit_config, edit_index, edit_tensors, hidden_siblings, run_cli,
+    assert_clean_failure, cli_command, copy_dir, edit_config, edit_index, edit_tensors, hidden_siblings, run_cli,
     shard_of, shards, tiny_converted,
 )
 
@@ -145,7 +145,7 @@ def _output_inside_input(hf, work):
 
 
 def _no_disk_space(hf, work):
-    return {"env": {"BRIDGE_FAKE_FREE_BYTES": "1000"}, "fragments": ["not enough free disk space", "1000 B"]}
+    return {"hooks": ["--free-bytes", "1000"], "fragments": ["not enough free disk space", "1000 B"]}
 
 
 def _bad_layout(hf, work):  # the one HF case that imports megatron (the layout check lives in bridge.parallel)
@@ -210,7 +210,7 @@ def _mcore_output_not_empty(src, work):
 
 
 def _mcore_no_disk_space(src, work):
-    return {"env": {"BRIDGE_FAKE_FREE_BYTES": "5"}, "fragments": ["not enough free disk space"]}
+    return {"hooks": ["--free-bytes", "5"], "fragments": ["not enough free disk space"]}
 
 
 MCORE_CASES = {f.__name__.lstrip("_"): f for f in [
@@ -232,17 +232,17 @@ def failures(converted, tmp_path_factory):
     for name, prepare in HF_CASES.items():
         work = tmp_path_factory.mktemp(name)
         hf = copy_dir(hf_src, work / "hf")
-        spec = {"hf": hf, "out": work / "out", "args": [], "env": {}, "output_existed": False, **prepare(hf, work)}
+        spec = {"hf": hf, "out": work / "out", "args": [], "hooks": [], "output_existed": False, **prepare(hf, work)}
         jobs[name] = ([H2M, "--hf-path", spec["hf"], "--output", spec["out"], *spec["args"]], spec)
     for name, prepare in MCORE_CASES.items():
         work = tmp_path_factory.mktemp(name)
-        spec = {"mc": mc_src, "out": work / "out", "args": [], "env": {}, "output_existed": False, **prepare(mc_src, work)}
+        spec = {"mc": mc_src, "out": work / "out", "args": [], "hooks": [], "output_existed": False, **prepare(mc_src, work)}
         jobs[name] = ([M2H, "--mcore-path", spec["mc"], "--output", spec["out"], *spec["args"]], spec)
 
     def run(item):
         name, (cmd, spec) = item
         start = time.time()
-        proc = run_cli(*cmd, env=spec["env"])
+        proc = run_cli(*cmd, hooks=spec["hooks"])
         return name, (proc, spec, time.time() - start)
 
     with ThreadPoolExecutor(4) as pool:
@@ -271,9 +271,8 @@ def test_index_and_shards_that_disagree(tmp_path, converted):
 # ---------------------------------------------------------------------------- interruptions
 
 def _start_paused(cmd, point: str, marker: Path, timeout: float = 240, go: Optional[Path] = None):
-    env = {**os.environ, "BRIDGE_TEST_PAUSE": f"{point}:{marker}" + (f":{go}" if go else "")}
-    proc = subprocess.Popen([str(BIN / cmd[0]), *map(str, cmd[1:])], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+    argv, env = cli_command(*cmd, hooks=["--pause", f"{point}:{marker}" + (f":{go}" if go else "")])
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.time() + timeout
     while not marker.exists():
         if proc.poll() is not None:
@@ -353,7 +352,8 @@ def test_two_runs_into_one_output_one_fails_the_other_is_kept(tmp_path, converte
 def test_overwrite_swaps_the_outputs_atomically(tmp_path):
     """--overwrite exchanges the new and the old output with one renameat2(RENAME_EXCHANGE): there
     is no moment without a complete output at the path; the old one is removed afterwards."""
-    from conversion.safetensors_io import _exchange, atomic_output_dir
+    from bridge.output import output_transaction
+    from conversion.output_dir import _exchange
 
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir(), b.mkdir()
@@ -363,7 +363,7 @@ def test_overwrite_swaps_the_outputs_atomically(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "old").write_text("old")
-    with atomic_output_dir(out, overwrite=True) as tmp:
+    with output_transaction(out, "writing", overwrite=True) as tmp:
         (tmp / "new").write_text("new")
     assert sorted(p.name for p in out.iterdir()) == ["new"] and hidden_siblings(out) == []
 
@@ -411,7 +411,7 @@ def test_omni_registry_shapes_are_transformers_shapes(kw, audio):
 
 
 def test_stale_temporaries_of_dead_processes_are_removed(tmp_path):
-    from conversion import safetensors_io as sio
+    from conversion import output_dir as sio
 
     dead = subprocess.Popen(["true"])
     dead.wait()
@@ -426,20 +426,22 @@ def test_stale_temporaries_of_dead_processes_are_removed(tmp_path):
 
 
 def test_output_checks(tmp_path, monkeypatch):
-    from conversion import safetensors_io as sio
+    from bridge.output import output_transaction
+    from conversion import output_dir as sio
 
     (tmp_path / "file").write_text("x")
     with pytest.raises(ConversionError, match="not a directory"):
         sio.check_output_path(tmp_path / "file")
     with pytest.raises(ConversionError, match="outside the input"):
         sio.check_output_path(tmp_path, inputs=[tmp_path / "sub"])
-    monkeypatch.setenv("BRIDGE_FAKE_FREE_BYTES", "10")
-    assert sio.free_bytes(tmp_path / "a" / "b") == 10
+    assert sio.free_bytes(tmp_path / "a" / "b") == sio.free_bytes(tmp_path)  # the nearest existing ancestor
+    sio.check_free_space(tmp_path / "out", 11)
+    monkeypatch.setattr(sio.hooks, "free_bytes", lambda directory: 10)
     with pytest.raises(ConversionError, match="not enough free disk space"):
         sio.check_free_space(tmp_path / "out", 11)
     # a failed block removes its temporary and the parents it created
     with pytest.raises(RuntimeError):
-        with sio.atomic_output_dir(tmp_path / "new" / "deeper" / "out"):
+        with output_transaction(tmp_path / "new" / "deeper" / "out", "writing"):
             raise RuntimeError
     assert not (tmp_path / "new").exists()
 

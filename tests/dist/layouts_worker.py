@@ -150,7 +150,7 @@ def main() -> int:
 
     from transformers import NemotronHForCausalLM
 
-    from bridge.parallel import ensure_process_group
+    from bridge.ranks import ensure_process_group
 
     ensure_process_group()
     hf_model = NemotronHForCausalLM.from_pretrained(str(args.hf), dtype=torch.float32).eval()

@@ -200,7 +200,7 @@ def main() -> int:
 
     from transformers import NemotronH_Omni_Reasoning_V3
 
-    from bridge.parallel import ensure_process_group
+    from bridge.ranks import ensure_process_group
 
     ensure_process_group()
     hf_model = NemotronH_Omni_Reasoning_V3.from_pretrained(str(args.hf), dtype=torch.float32).eval()
