@@ -6,19 +6,16 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
-import torch.distributed as dist
-from megatron.core import parallel_state
 
-from conversion import hf_config
+from conversion import hf_config, omni, registry
 from conversion.errors import ConversionError
 from conversion.hf_paths import resolve_hf_path
-from conversion import omni, registry
 from conversion.dtypes import FLAGS, dtype_from_name, dtype_name
 from conversion.hf_writer import plan_shards, write_config_and_assets, write_hf_weights
 from conversion.mappings import Dims, Mapping
 from conversion.safetensors_io import HFCheckpoint
+from bridge import parallel  # noqa: F401 - registers the parallel-state setup that provide() runs
 from bridge import weights as W
-from bridge.parallel import ensure_parallel_state
 from bridge.output import output_transaction
 from bridge.ranks import world
 
@@ -207,7 +204,7 @@ class AutoBridge:
         dims = self._dims(lms[0])
         local = {k: v for c in chunks for k, v in self._chunk_tensors(c).items()}
         where = W.owners(local)
-        rank = dist.get_rank() if dist.is_initialized() else 0
+        rank = world()[0]
         receives = to_all_ranks or rank == 0
         manifest = self._manifest_or_none()
         for mapping in self.mappings():

@@ -216,7 +216,7 @@ class _MetaMathOnCpu(TorchFunctionMode):
 
 def _param_entries(state: Dict) -> Dict[str, object]:
     """state-dict name -> ShardedTensor / ShardedTensorFactory of one model chunk's sharded state
-    (TE `_extra_state` objects carry no weights and are left alone). The name table's name of a
+    (TE `_extra_state` objects carry no weights and are left alone). The registry's Megatron name of a
     state-dict name is `checkpoint_name(name)` (megatron-core 0.19.2's `mixer.conv1d_weight` is
     `mixer.conv1d.weight`, its checkpoint key, as in 0.16.1)."""
     return {k: v for k, v in state.items() if isinstance(v, (ShardedTensor, ShardedTensorFactory))}

@@ -15,7 +15,7 @@ parallel layout.
 from __future__ import annotations
 
 import re
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -140,7 +140,7 @@ def move_full_tensor(full: Optional[torch.Tensor], owner: int, dtype: torch.dtyp
 
     Point-to-point owner -> writer (a broadcast over all ranks when `to_all`): the shape goes first
     in a small int64 tensor, then the data. Ranks that do not receive return None. All ranks must
-    call this for the same tensors in the same order (export walks the name table in order).
+    call this for the same tensors in the same order (export walks the registry in order).
     """
     rank, size = world()
     if size == 1:

@@ -1,4 +1,5 @@
-"""Hugging Face side of the bridge: files, configs, name tables and tensor transforms.
+"""Hugging Face side of the bridge: files, configs and the registry of mappings (names, shapes,
+transforms, sharding).
 
 Imports torch and safetensors only (never megatron, never providers/), so every piece here is
 unit-testable in milliseconds on any CPU box.
