@@ -11,15 +11,15 @@ from conversion import hf_config, omni, registry
 from conversion.errors import ConversionError
 from conversion.hf_paths import resolve_hf_path
 from conversion.dtypes import FLAGS, dtype_from_name, dtype_name
-from conversion.hf_writer import plan_shards, write_config_and_assets, write_hf_weights
+from conversion.hf_writer import MAX_SHARD_BYTES, plan_shards, write_config_and_assets, write_hf_weights
 from conversion.mappings import Dims, Mapping
+from conversion.naming import DEFAULT_TARGET, TARGETS
 from conversion.safetensors_io import HFCheckpoint
 from bridge import parallel  # noqa: F401 - registers the parallel-state setup that provide() runs
 from bridge import weights as W
 from bridge.output import output_transaction
 from bridge.ranks import world
 
-MAX_SHARD_BYTES = 5 * 1024**3
 
 
 class AutoBridge:
@@ -112,23 +112,20 @@ class AutoBridge:
             provider = NemotronHModelProvider(**self.provider_fields())
         else:
             provider = NemotronOmniModelProvider(**self.provider_fields(), **self.omni_fields(),
-                                                 carried_tensors=self._carried_tensors(dtype))
+                                                 carried_tensors=self.tensor_structure(omni.CARRIED_PREFIX, dtype))
         provider.params_dtype = dtype
         provider.bf16 = dtype == torch.bfloat16
         provider.fp16 = dtype == torch.float16
         return provider
 
-    def _carried_tensors(self, dtype: torch.dtype) -> Dict[str, dict]:
-        """HF name -> {shape, dtype} of the carried tensors (`hf_extras` buffers): the registry's
-        shapes; the source's dtypes when known, else int64 / the model dtype."""
-        manifest = self.manifest if self._has_weights() else {}
-        out = {}
-        for m in self.mappings():
-            if m.megatron.startswith(omni.CARRIED_PREFIX):
-                (name,), ((shape, _),) = m.hf, m.shapes
-                default = "int64" if m.integer else dtype_name(dtype)
-                out[name] = {"shape": list(shape), "dtype": manifest.get(name, {}).get("dtype", default)}
-        return out
+    def tensor_structure(self, megatron_prefix: str, dtype: torch.dtype) -> Dict[str, dict]:
+        """HF name -> {shape, dtype} of the mappings under `megatron_prefix` (the carried tensors, the
+        Parakeet encoder): the registry's shapes; the source's dtypes when known, else int64 for the
+        integer tensors and `dtype` for the others."""
+        manifest = self._manifest_or_none() or {}
+        return {m.hf[0]: {"shape": list(m.shapes[0][0]),
+                          "dtype": manifest.get(m.hf[0], {}).get("dtype", "int64" if m.integer else dtype_name(dtype))}
+                for m in self.mappings() if m.megatron.startswith(megatron_prefix)}
 
     # ------------------------------------------------------------------ HF -> megatron
     @staticmethod
@@ -223,9 +220,8 @@ class AutoBridge:
                 yield name, out
 
     def _manifest_or_none(self) -> Optional[Dict[str, dict]]:
-        if self._manifest is not None:
-            return self._manifest
-        return self.manifest if self.hf_dir is not None else None
+        """The source manifest; None for a bridge without HF weights (e.g. a config-only --hf-config)."""
+        return self.manifest if self._has_weights() else None
 
     def export_config(self, model) -> Dict[str, Any]:
         """config.json for `model` in the scheme the source used, values taken from the model."""
@@ -297,8 +293,10 @@ class AutoBridge:
 
     def save_megatron_model(self, model, path: str | Path, layout: Optional[Dict[str, Any]] = None,
                             overwrite: bool = False, sharded_state=None, strategy=None,
-                            known_checksums=None, hf_checksums=None) -> None:
-        """Write `model` as a Megatron checkpoint (Megatron-LM layout, see bridge/checkpoint.py).
+                            known_checksums=None, hf_checksums=None, target: str = DEFAULT_TARGET,
+                            carried=None) -> None:
+        """Write `model` as a Megatron checkpoint (Megatron-LM layout, see bridge/checkpoint.py) for
+        `target` (`conversion.naming`: this project's, Megatron-Bridge's or Megatron-LM's key names).
 
         `sharded_state` / `strategy`: how the tensors are produced and written (default: the
         model's own `sharded_state_dict()` and megatron-core's writer; the streaming conversion
@@ -306,13 +304,22 @@ class AutoBridge:
         `known_checksums()`: {absolute path: (size, XXH3-128)} of files already hashed while being
         written (the rest are hashed at the end). `hf_checksums()`: the source files' checksums
         when the caller took them; by default rank 0 hashes the source files in a background
-        thread while the tensors are written.
+        thread while the tensors are written. `carried()`: the carried HF tensors by HF name, for a
+        target that keeps them beside the checkpoint (default: the model's own `hf_extras` buffers).
         """
         from bridge import checkpoint
         from conversion import integrity
 
+        chosen = TARGETS[target]
+        rows, vocab = self._language_model(W.model_chunks(model)[0]).vocab_size, self.config.text["vocab_size"]
+        if not chosen.pad_vocab and rows != vocab:
+            raise ConversionError(f"target {target!r} stores vocab_size = {vocab} embedding rows; this model has "
+                                  f"{rows} (build it with provider.padded_vocab = {vocab})")
         # checksums_file: every file of the checkpoint is hashed into it (conversion/integrity.py)
-        meta = {**self.megatron_meta(model, layout), "checksums_file": integrity.CHECKSUMS_NAME}
+        meta = {**self.megatron_meta(model, layout), "target": target, "checksums_file": integrity.CHECKSUMS_NAME}
+        if carried is None and not chosen.carried_in_checkpoint:
+            def carried():
+                return self._carried_values(model)
         if hf_checksums is None and self.hf_dir is not None and world()[0] == 0:
             hf_checksums = integrity.in_background(integrity.checksums, self.hf_dir, self.source_files()).result
 
@@ -326,8 +333,17 @@ class AutoBridge:
                 known[rel] = {"size": size, "xxh3_128": digest}
             integrity.write_checksums_file(root, known)
 
-        checkpoint.save(sharded_state or (lambda: checkpoint.sharded_state(model)), Path(path), full_meta,
-                        self.assets_dir, overwrite=overwrite, strategy=strategy, finalize=write_checksums)
+        state = sharded_state or (lambda: checkpoint.sharded_state(model, chosen, checkpoint.megatron_args(model, layout)))
+        checkpoint.save(state, Path(path), full_meta, self.assets_dir, overwrite=overwrite, strategy=strategy,
+                        finalize=write_checksums, run_config=checkpoint.run_config_yaml(layout),
+                        carried=None if chosen.carried_in_checkpoint else carried)
+
+    def _carried_values(self, model) -> Dict[str, torch.Tensor]:
+        """HF name -> value of the carried tensors held by `model`'s `hf_extras` buffers (first stage)."""
+        buffers = {k: v for c in W.model_chunks(model) for k, v in c.state_dict().items()
+                   if k.startswith(omni.CARRIED_PREFIX)}
+        return {m.hf[0]: buffers[m.megatron].detach() for m in self.mappings()
+                if m.megatron.startswith(omni.CARRIED_PREFIX) and m.megatron in buffers}
 
     def megatron_meta(self, model, layout: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
         """What bridge_meta.json records of `model` (checksums aside): the HF config and manifest,
@@ -384,7 +400,7 @@ class AutoBridge:
             if layout.get(key) is not None:
                 setattr(provider, field, layout[key])
         chunks = build_model(provider)
-        checkpoint.load(chunks, path)
+        checkpoint.load(chunks, path, TARGETS[meta.get("target", DEFAULT_TARGET)])
         return chunks[0] if len(chunks) == 1 else chunks
 
 

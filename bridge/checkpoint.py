@@ -2,17 +2,24 @@
 
     OUT/
       latest_checkpointed_iteration.txt   "release"  (Megatron-LM's tracker file)
-      release/                             megatron-core dist_checkpointing (torch_dist) files
-      bridge_meta.json                     HF config, provider fields, dtype, HF tensor manifest
+      release/                             megatron-core dist_checkpointing (torch_dist) files, with
+                                           run_config.yaml (what Megatron-Bridge's loader reads)
+      bridge_meta.json                     HF config, provider fields, dtype, HF tensor manifest, target
       hf_assets/                           non-weight files of the source HF dir (tokenizer, ...)
+      hf_carried.safetensors               the carried RADIO tensors, for targets that do not store them
 
-Megatron-LM's `--load` / `--finetune` read the tracker and `release/`; the bridge's own files sit
-beside them and never inside what Megatron reads. The model's state is saved under the key `model`
-(Megatron-LM's key), with `checkpoint_version` and `iteration` beside it.
+Megatron-LM's `--load` / `--finetune` read the tracker and `release/`, Megatron-Bridge's
+`checkpoint.pretrained_checkpoint` the same plus `release/run_config.yaml`; the bridge's own files
+sit beside them and never inside what Megatron reads. The model's state is saved under the key
+`model` (Megatron-LM's key), with `checkpoint_version` 3.0, `iteration` 0 and Megatron-LM's `args`
+beside it (`megatron_args`: Megatron-LM from 0.19 treats a hybrid checkpoint without
+`hybrid_override_pattern` in `args` as a GPT one). Key names, vocab rows and where the carried tensors
+live follow the checkpoint's target (`conversion.naming`).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 from typing import Callable, Dict, Optional
@@ -21,37 +28,95 @@ from megatron.core import dist_checkpointing
 
 from bridge.output import output_transaction
 from bridge.ranks import world
-from conversion.errors import ConversionError
 from conversion.hf_writer import copy_assets
 from conversion.integrity import META_FORMAT, META_NAME, read_meta  # noqa: F401 - re-exported
+from conversion.megatron_ckpt import RELEASE_DIR, TRACKER_NAME, iteration_dir
+from conversion.naming import CARRIED_FILE, DEFAULT_TARGET, TARGETS, Target
 from conversion.safe_pickle import check_dist_checkpoint
 from providers.megatron_imports import add_common_state_file, common_load_kwargs
 
-TRACKER_NAME = "latest_checkpointed_iteration.txt"
-RELEASE_DIR = "release"
 ASSETS_DIR = "hf_assets"
+RUN_CONFIG_NAME = "run_config.yaml"
 
 
-def sharded_state(model) -> Dict:
+def sharded_state(model, target: Target = TARGETS[DEFAULT_TARGET], args: Optional[argparse.Namespace] = None) -> Dict:
+    """The state megatron-core saves / loads: each chunk's `sharded_state_dict()` with its keys named
+    for `target` (entries the target does not store, the carried tensors, left out), and `args`."""
     from bridge.weights import model_chunks
 
     chunks = model_chunks(model)
     state = {"checkpoint_version": 3.0, "iteration": 0}
-    if len(chunks) == 1:
-        state["model"] = chunks[0].sharded_state_dict()
-    else:  # virtual pipeline stages: Megatron-LM's model0, model1, ...
-        for i, chunk in enumerate(chunks):
-            state[f"model{i}"] = chunk.sharded_state_dict()
+    if args is not None:
+        state["args"] = args
+    for i, chunk in enumerate(chunks):  # virtual pipeline stages: Megatron-LM's model0, model1, ...
+        state["model" if len(chunks) == 1 else f"model{i}"] = _named_for(chunk.sharded_state_dict(), target)
     return state
 
 
+def _named_for(chunk_state: Dict, target: Target) -> Dict:
+    out = {}
+    for name, entry in chunk_state.items():
+        key = target.checkpoint_key(entry.key) if hasattr(entry, "key") else entry
+        if key is None:
+            continue  # stored beside the checkpoint (CARRIED_FILE)
+        if hasattr(entry, "key"):
+            entry.key = key
+        out[name] = entry
+    return out
+
+
+def megatron_args(model, layout: Optional[Dict] = None) -> argparse.Namespace:
+    """Megatron-LM's `args` for the common state (plain values only: it is unpickled with
+    `weights_only`). Its loader compares num_layers / hidden_size / num_attention_heads without
+    `--finetune`, copies the model fields with `--use-checkpoint-args`, and from 0.19 needs the hybrid
+    pattern (else it takes the checkpoint for a GPT one)."""
+    from bridge.weights import model_chunks
+
+    chunk = model_chunks(model)[0]
+    lm = getattr(chunk, "language_model", chunk)
+    c, layout = lm.config, layout or {}
+    pattern = c.hybrid_override_pattern
+    return argparse.Namespace(
+        num_layers=len(pattern.replace("|", "")), hybrid_override_pattern=pattern, hybrid_layer_pattern=pattern,
+        is_hybrid_model=True, hidden_size=c.hidden_size, ffn_hidden_size=c.ffn_hidden_size,
+        num_attention_heads=c.num_attention_heads, num_query_groups=c.num_query_groups,
+        group_query_attention=c.num_query_groups not in (None, c.num_attention_heads), kv_channels=c.kv_channels,
+        mamba_num_heads=c.mamba_num_heads, mamba_head_dim=c.mamba_head_dim, mamba_num_groups=c.mamba_num_groups,
+        mamba_state_dim=c.mamba_state_dim, num_experts=c.num_moe_experts, moe_ffn_hidden_size=c.moe_ffn_hidden_size,
+        moe_shared_expert_intermediate_size=c.moe_shared_expert_intermediate_size, moe_router_topk=c.moe_router_topk,
+        moe_router_topk_scaling_factor=c.moe_router_topk_scaling_factor, moe_router_score_function="sigmoid",
+        moe_router_enable_expert_bias=bool(c.num_moe_experts), padded_vocab_size=lm.vocab_size,
+        make_vocab_size_divisible_by=128, max_position_embeddings=lm.max_sequence_length,
+        seq_length=lm.max_sequence_length, position_embedding_type="none", add_position_embedding=False,
+        untie_embeddings_and_output_weights=not lm.share_embeddings_and_output_weights, squared_relu=True,
+        normalization="RMSNorm", norm_epsilon=c.layernorm_epsilon, add_bias_linear=False,
+        tensor_model_parallel_size=layout.get("tp") or 1, pipeline_model_parallel_size=layout.get("pp") or 1,
+        expert_model_parallel_size=layout.get("ep") or 1, ckpt_format="torch_dist", no_save_optim=True,
+        no_save_rng=True, consumed_train_samples=0, consumed_valid_samples=0)
+
+
+def run_config_yaml(layout: Optional[Dict] = None) -> str:
+    """`run_config.yaml` for Megatron-Bridge's loader: a fine-tuning load reads the parallel sizes
+    (and the save flags on a resume); the model itself comes from the recipe / the HF config."""
+    import yaml
+
+    layout = layout or {}
+    config = {"model": {"tensor_model_parallel_size": layout.get("tp") or 1,
+                        "pipeline_model_parallel_size": layout.get("pp") or 1},
+              "checkpoint": {"save_optim": False, "save_rng": False, "fully_parallel_save": False}}
+    return "# written by convert-hf-to-mcore: what Megatron-Bridge's checkpoint loader reads\n" + yaml.safe_dump(config)
+
+
 def save(state: Callable[[], Dict], path: Path, meta: Callable[[], Dict], assets_dir: Optional[Path],
-         overwrite: bool = False, strategy=None, finalize: Optional[Callable[[Path], None]] = None) -> None:
+         overwrite: bool = False, strategy=None, finalize: Optional[Callable[[Path], None]] = None,
+         run_config: str = "", carried: Optional[Callable[[], Dict]] = None) -> None:
     """Write a model's sharded state (all ranks take part) and the bridge files (rank 0) into `path`,
     atomically. `state()` gives this rank's sharded state dict (`sharded_state(model)`); `meta()`
     the contents of bridge_meta.json (asked for after the tensors are written); `strategy` is the
     dist_checkpointing save strategy (None: megatron-core's default, torch_dist); `finalize(tmp)`
-    runs on rank 0 once every rank has written its part, before the rename (the checksum file).
+    runs on rank 0 once every rank has written its part, before the rename (the checksum file);
+    `run_config` the text of release/run_config.yaml; `carried()` the HF tensors the target keeps
+    beside the checkpoint (`CARRIED_FILE`), if any.
 
     Every rank writes its shards with `dist_checkpointing.save`; rank 0 writes `common.pt` where
     megatron-core did not (0.19.2: see `providers.megatron_imports.add_common_state_file`, so that
@@ -65,8 +130,14 @@ def save(state: Callable[[], Dict], path: Path, meta: Callable[[], Dict], assets
         dist_checkpointing.save(state(), str(release), sharded_strategy=strategy)
         if world()[0] == 0:
             add_common_state_file(release)
+            (release / RUN_CONFIG_NAME).write_text(run_config or run_config_yaml())
             (tmp / TRACKER_NAME).write_text(RELEASE_DIR)
             write_bridge_files(tmp, meta(), assets_dir)
+            tensors = carried() if carried is not None else {}
+            if tensors:
+                from safetensors.torch import save_file
+
+                save_file({n: t.contiguous() for n, t in tensors.items()}, str(tmp / CARRIED_FILE))
 
 
 def write_bridge_files(root: Path, meta: Dict, assets_dir: Optional[Path]) -> None:
@@ -78,25 +149,24 @@ def write_bridge_files(root: Path, meta: Dict, assets_dir: Optional[Path]) -> No
     copy_assets(assets_dir, assets)
 
 
-def checkpoint_dir(path: Path) -> Path:
-    tracker = Path(path) / TRACKER_NAME
-    if not tracker.is_file():
-        raise ConversionError(f"{tracker}: missing (expected Megatron-LM's tracker file)")
-    it = tracker.read_text().strip()
-    sub = RELEASE_DIR if it == "release" else f"iter_{int(it):07d}"
-    return Path(path) / sub
-
-
-def load(model, path: Path) -> None:
-    """Load the weights of a converted checkpoint into `model` (any parallel layout: it reshards)."""
+def load(model, path: Path, target: Target = TARGETS[DEFAULT_TARGET]) -> None:
+    """Load the weights of a converted checkpoint written for `target` into `model` (any parallel
+    layout: it reshards); the carried tensors come from `CARRIED_FILE` when the target keeps them there."""
     from bridge.weights import model_chunks
+    from conversion.omni import carried_megatron_name
 
-    state = sharded_state(model)
-    directory = str(checkpoint_dir(path))
+    state = sharded_state(model, target)
+    directory = str(iteration_dir(path))
     check_dist_checkpoint(directory)  # every pickle of it read safely before megatron / torch read it
     # common_load_kwargs: megatron-core 0.16.1 reads a checkpoint without common.pt (0.19.2's format) too
     loaded = dist_checkpointing.load(state, directory, **common_load_kwargs(directory))
+    carried = {}
+    if (Path(path) / CARRIED_FILE).is_file():
+        from safetensors.torch import load_file
+
+        carried = {carried_megatron_name(n): t for n, t in load_file(str(Path(path) / CARRIED_FILE)).items()}
     chunks = model_chunks(model)
     for i, chunk in enumerate(chunks):
         key = "model" if len(chunks) == 1 else f"model{i}"
-        chunk.load_state_dict(loaded[key], strict=True)
+        chunk_carried = {n: t for n, t in carried.items() if n in chunk.state_dict()}
+        chunk.load_state_dict({**loaded[key], **chunk_carried}, strict=True)

@@ -32,6 +32,7 @@ from typing import Callable, List, Optional
 
 from conversion import dtypes  # imports no torch: the flags are listed before torch is imported
 from conversion.errors import ConversionError
+from conversion.naming import DEFAULT_TARGET, TARGETS  # no torch either
 
 
 def _terminate(signum, frame):  # SIGTERM behaves like Ctrl-C: unwind, remove temporaries, exit 130
@@ -181,31 +182,41 @@ def _hf_to_mcore(args: argparse.Namespace) -> None:
     layout = {"tp": args.tp, "pp": args.pp, "ep": args.ep, "etp": args.etp, "vpp": args.vpp}
     convert_hf_to_megatron(bridge, Path(args.output), dtype=dtypes.dtype_from_name(args.dtype) if args.dtype else None,
                            layout=layout, overwrite=args.overwrite, quiet=args.quiet, threads=args.threads,
-                           source_sums=source_sums)
+                           source_sums=source_sums, target=args.target)
     if not args.quiet and world()[0] == 0:
         print(f"wrote Megatron checkpoint {args.output}")
 
 
-def _preflight_mcore(args: argparse.Namespace) -> dict:
-    """Every check of a converted Megatron checkpoint that needs no megatron: meta, output, disk, file sizes."""
-    from conversion import integrity, preflight
+def _preflight_mcore(args: argparse.Namespace):
+    """Every check of a Megatron checkpoint that needs no megatron: which directory, its keys, the HF
+    side (bridge_meta.json, or --hf-config), output, disk, file sizes. Returns (checkpoint, HF config)."""
+    from conversion import hf_config, integrity, preflight, registry
+    from conversion.megatron_ckpt import open_checkpoint
     from conversion.output_dir import check_free_space, check_output_path, dir_bytes
 
-    src = _input_dir(args.mcore_path, "a Megatron checkpoint directory written by convert-hf-to-mcore")
-    meta = integrity.read_meta(src)
+    src = _input_dir(args.mcore_path, "a Megatron checkpoint directory")
+    if args.hf_config is not None:
+        _input_dir(args.hf_config, "the Hugging Face directory the checkpoint's model was made from")
+    ckpt = open_checkpoint(src, args.iteration)
     check_output_path(args.output, args.overwrite, inputs=[src])
-    manifest = meta["hf_manifest"]
-    try:
-        shapes = {n: tuple(m["shape"]) for n, m in manifest.items()}
-        tensor_dtypes = {n: dtypes.dtype_from_name(m["dtype"]) for n, m in manifest.items()}
-    except (TypeError, KeyError, AttributeError):
-        raise ConversionError(f"{src / integrity.META_NAME}: field 'hf_manifest' must map tensor names to "
-                              "{file, dtype, shape}") from None
-    assets = src / "hf_assets"
-    needed = preflight.output_bytes(shapes, tensor_dtypes) + (dir_bytes(assets) if assets.is_dir() else 0)
+    if ckpt.meta is None and args.hf_config is None:
+        raise ConversionError(f"{src}: no {integrity.META_NAME} (the checkpoint was not written by "
+                              "convert-hf-to-mcore): pass --hf-config BASE_HF_DIR, the Hugging Face directory of "
+                              "the model it was trained from (config.json, tokenizer; its weights are not read "
+                              "except tensors Megatron does not store)")
+    if args.hf_config is not None:
+        cfg = hf_config.load_config(Path(args.hf_config))
+        assets = Path(args.hf_config)
+    else:
+        cfg = hf_config.parse_config(ckpt.meta["hf_config"], f"{src / integrity.META_NAME}: hf_config")
+        assets = src / "hf_assets"
+    needed = sum(preflight.output_bytes(dict(zip(m.hf, (s for s, _ in m.shapes))),
+                                        dict.fromkeys(m.hf, ckpt.params_dtype)) for m in registry.mappings(cfg))
+    needed += dir_bytes(assets, keep=lambda p: not p.name.endswith(".safetensors")) if assets.is_dir() else 0
     check_free_space(args.output, needed, "the Hugging Face checkpoint")
-    integrity.verify_megatron_checkpoint(src, meta, hashes=False)  # contents: hashed during the conversion
-    return meta
+    if ckpt.meta is not None:
+        integrity.verify_megatron_checkpoint(src, ckpt.meta, hashes=False)  # contents: hashed during the conversion
+    return ckpt
 
 
 def _mcore_to_hf(args: argparse.Namespace) -> None:
@@ -213,20 +224,23 @@ def _mcore_to_hf(args: argparse.Namespace) -> None:
         from conversion import integrity
         from conversion.split import launcher_rank
 
-        meta = _preflight_mcore(args)
-        # The checkpoint's files are hashed (rank 0) while megatron is imported and the tensors are
-        # converted; the output is renamed into place only if they all match.
+        ckpt = _preflight_mcore(args)
+        # A converted checkpoint's files are hashed (rank 0) while megatron is imported and the
+        # tensors are converted; the output is renamed into place only if they all match.
         verified = None
-        if launcher_rank()[0] == 0:
-            verified = integrity.in_background(integrity.verify_megatron_checkpoint, Path(args.mcore_path), meta)
+        if ckpt.meta is not None and launcher_rank()[0] == 0:
+            verified = integrity.in_background(integrity.verify_megatron_checkpoint, ckpt.root, ckpt.meta)
         _import_megatron()
         from bridge import AutoBridge
         from bridge.ranks import world
         from bridge.streaming import convert_megatron_to_hf
 
-        bridge = AutoBridge.from_megatron_checkpoint(args.mcore_path, verify=False)
-    convert_megatron_to_hf(bridge, Path(args.mcore_path), Path(args.output), overwrite=args.overwrite,
-                           quiet=args.quiet, threads=args.threads, verified=verified)
+        if args.hf_config is not None:  # the HF side of a checkpoint Megatron-Bridge / Megatron-LM wrote
+            bridge = AutoBridge.from_hf_pretrained(args.hf_config)
+        else:
+            bridge = AutoBridge.from_megatron_checkpoint(args.mcore_path, verify=False)
+    convert_megatron_to_hf(bridge, ckpt, Path(args.output), overwrite=args.overwrite, quiet=args.quiet,
+                           threads=args.threads, verified=verified)
     if not args.quiet and world()[0] == 0:
         print(f"wrote Hugging Face checkpoint {args.output}")
 
@@ -258,13 +272,23 @@ def hf_to_mcore_main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--vpp", type=int, default=None, help="virtual pipeline stages per pipeline rank")
     p.add_argument("--dtype", choices=list(dtypes.FLAGS), default=None,
                    help="parameter dtype of the Megatron checkpoint (default: the HF checkpoint's)")
+    p.add_argument("--target", choices=list(TARGETS), default=DEFAULT_TARGET,
+                   help="whose layout: this project's (default), Megatron-Bridge's (0.6, PyPI: llava_model. keys, "
+                        "unpadded vocab) or Megatron-LM's (Omni: sound_model.); text keys are the same for all")
     return _run(_hf_to_mcore, p, argv)
 
 
 def mcore_to_hf_main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="convert-mcore-to-hf",
                                 description="Convert a checkpoint written by convert-hf-to-mcore back to Hugging Face format.")
-    p.add_argument("--mcore-path", required=True, help="Megatron checkpoint directory written by convert-hf-to-mcore")
+    p.add_argument("--mcore-path", required=True,
+                   help="Megatron checkpoint: written by convert-hf-to-mcore, Megatron-Bridge or Megatron-LM (the "
+                        "root with latest_checkpointed_iteration.txt, or an iter_NNNNNNN / release directory)")
+    p.add_argument("--hf-config", default=None,
+                   help="Hugging Face directory of the model (config.json, tokenizer, ...): required for a checkpoint "
+                        "without bridge_meta.json")
+    p.add_argument("--iteration", type=int, default=None,
+                   help="export iter_NNNNNNN (default: the one the tracker file names)")
     _common(p)
     return _run(_mcore_to_hf, p, argv)
 

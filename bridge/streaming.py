@@ -63,8 +63,11 @@ from bridge.ranks import ensure_process_group, gather, on_rank0
 from conversion import direct_io, integrity
 from conversion.direct_io import PAGE, DirectStream, buffer_address
 from conversion.errors import ConversionError
+from conversion.hf_writer import MAX_SHARD_BYTES, plan_shards
 from conversion.mappings import Mapping
-from conversion.omni import SOUND_ENCODER_PREFIX
+from conversion.megatron_ckpt import MegatronCheckpoint, open_checkpoint
+from conversion.naming import CARRIED_FILE, DEFAULT_TARGET, TARGETS
+from conversion.omni import CARRIED_PREFIX, SOUND_ENCODER_PREFIX
 from conversion.safe_pickle import data_file, load_dcp_metadata
 from conversion.safetensors_io import OpenFiles, drop_pages, map_bytes, nbytes_of
 from conversion.split import assign
@@ -156,8 +159,8 @@ def meta_model(bridge, dtype: torch.dtype, padded_vocab: Optional[int] = None):
     provider.perform_initialization = False
     provider.init_model_with_meta_device = True  # megatron's own: Transformer Engine modules on "meta"
     if getattr(provider, "has_sound", False):  # the checkpoint's layout needs the names, not transformers
-        provider.sound_encoder_structure = {m.hf[0][len(SOUND_ENCODER_PREFIX):]: bridge.manifest[m.hf[0]]
-                                            for m in bridge.mappings() if m.hf[0].startswith(SOUND_ENCODER_PREFIX)}
+        provider.sound_encoder_structure = {name[len(SOUND_ENCODER_PREFIX):]: structure for name, structure in
+                                            bridge.tensor_structure(SOUND_ENCODER_PREFIX, dtype).items()}
     if padded_vocab:
         provider.padded_vocab = padded_vocab
     with torch.device("meta"), _MetaMathOnCpu():
@@ -496,16 +499,20 @@ class _OnDemandStrategy(TorchDistSaveShardedStrategy):
 
 def convert_hf_to_megatron(bridge, output: Path, dtype: Optional[torch.dtype] = None, layout: Optional[Dict] = None,
                            overwrite: bool = False, quiet: bool = False, threads: Optional[int] = None,
-                           budget: int = DEFAULT_BUDGET, source_sums: Optional[Future] = None) -> None:
-    """Write the Megatron checkpoint of `bridge`'s HF directory to `output`, streaming (see module doc).
+                           budget: int = DEFAULT_BUDGET, source_sums: Optional[Future] = None,
+                           target: str = DEFAULT_TARGET) -> None:
+    """Write the Megatron checkpoint of `bridge`'s HF directory to `output`, streaming (see module doc),
+    laid out for `target` (`conversion.naming`).
 
     `source_sums`: this rank's share of the source files' checksums, already being computed (the
     CLI starts it before importing megatron, see `integrity.share_checksums_in_background`)."""
     from bridge import checkpoint
 
     rank, ranks = ensure_process_group()
-    model = meta_model(bridge, dtype or bridge.default_dtype())
-    state = checkpoint.sharded_state(model)
+    chosen = TARGETS[target]
+    model = meta_model(bridge, dtype or bridge.default_dtype(),
+                       padded_vocab=None if chosen.pad_vocab else bridge.config.text["vocab_size"])
+    state = checkpoint.sharded_state(model, chosen, checkpoint.megatron_args(model, layout))
     sources, mine = plan_hf_to_megatron(state["model"], bridge.mapping_table(), rank, ranks)
     progress = Progress(mine[0], mine[1], "hf -> megatron", quiet or rank != 0)
     dims = bridge._dims(bridge._language_model(model))
@@ -520,7 +527,9 @@ def convert_hf_to_megatron(bridge, output: Path, dtype: Optional[torch.dtype] = 
     try:
         bridge.save_megatron_model(model, output, layout=layout, overwrite=overwrite, sharded_state=lambda: state,
                                    strategy=strategy, known_checksums=lambda: strategy.digests,
-                                   hf_checksums=lambda: strategy.source_sums)
+                                   hf_checksums=lambda: strategy.source_sums, target=target,
+                                   carried=lambda: {m.hf[0]: bridge.checkpoint.get(m.hf[0]) for m in bridge.mappings()
+                                                    if m.megatron.startswith(CARRIED_PREFIX)})
     finally:
         progress.close()
 
@@ -653,14 +662,23 @@ def _read_entry(reader: DcpReader, entry) -> torch.Tensor:
     return exact_view(reader.read(entry.key, entry.global_offset, sizes), entry.local_shape, f"{reader.dir}: {entry.key!r}")
 
 
-def convert_megatron_to_hf(bridge, src: Path, output: Path, overwrite: bool = False, quiet: bool = False,
-                           threads: Optional[int] = None, budget: int = DEFAULT_BUDGET,
+def convert_megatron_to_hf(bridge, src: MegatronCheckpoint | Path, output: Path, overwrite: bool = False,
+                           quiet: bool = False, threads: Optional[int] = None, budget: int = DEFAULT_BUDGET,
                            verified: Optional[Future] = None) -> None:
-    """Write the HF checkpoint of the converted Megatron checkpoint `src` to `output`, streaming.
+    """Write the HF checkpoint of the Megatron checkpoint `src` to `output`, streaming.
 
-    The checkpoint's files are hashed meanwhile (on rank 0; `verified`: that check already
-    running, as the CLI starts it before importing megatron); the output is not renamed into
-    place unless they match, and a mismatch is the error reported even when reading failed.
+    `bridge` holds the HF side: the converted checkpoint's own (bridge_meta.json), or the base HF
+    directory of a checkpoint Megatron-Bridge / Megatron-LM wrote (`--hf-config`). The model is built
+    from its config with the checkpoint's parameter dtype and vocab rows, its keys named for the
+    checkpoint's target; every HF tensor of the registry must come from the checkpoint, or (carried
+    RADIO tensors) from `hf_carried.safetensors` beside it or the base HF directory: what is in none
+    of them is refused before anything is written. The HF files are laid out as the source's when
+    its manifest is known, else in shards of at most 5 GiB in registry order, each tensor in the
+    dtype the checkpoint holds it in.
+
+    A converted checkpoint's files are hashed meanwhile (on rank 0; `verified`: that check already
+    running, as the CLI starts it before importing megatron); the output is not renamed into place
+    unless they match, and a mismatch is the error reported even when reading failed.
 
     Inside the output transaction (bridge/output.py: rank 0 creates the hidden output directory,
     renames it into place once every rank succeeded, and any failure is raised on every rank),
@@ -668,33 +686,45 @@ def convert_megatron_to_hf(bridge, src: Path, output: Path, overwrite: bool = Fa
     rank 0 adds the index, config.json and the assets.
     """
     from bridge import checkpoint
-    from conversion.dtypes import dtype_from_name
     from conversion.hf_writer import SafetensorsWriter
 
     rank, ranks = ensure_process_group()
-    meta = checkpoint.read_meta(src)
-    if verified is None and rank == 0:
-        verified = integrity.in_background(integrity.verify_megatron_checkpoint, src, meta)
-    model = meta_model(bridge, dtype_from_name(meta["params_dtype"]), meta.get("padded_vocab_size"))
-    entries = {checkpoint_name(k): v for k, v in _param_entries(checkpoint.sharded_state(model)["model"]).items()}
+    if not isinstance(src, MegatronCheckpoint):  # a path: the checkpoint the tracker names
+        src = open_checkpoint(Path(src))
+    if verified is None and rank == 0 and src.meta is not None:
+        verified = integrity.in_background(integrity.verify_megatron_checkpoint, src.root, src.meta)
+    model = meta_model(bridge, src.params_dtype, src.vocab_rows)
+    entries = {checkpoint_name(k): v for k, v in
+               _param_entries(checkpoint.sharded_state(model, src.target)["model"]).items()}
+    reader = DcpReader(src.directory)
     rules = bridge.mappings()
+    carried = _carried_sources(bridge, src, [r for r in rules if r.megatron not in entries])
+    _check_all_stored(src, rules, entries, carried)
     dims = bridge._dims(bridge._language_model(model))
     specs, origins = bridge.hf_specs(), bridge.hf_origins()
+    if specs is None:  # no source manifest: files planned from the registry, dtypes from the checkpoint
+        dtype_of = {r.megatron: entries[r.megatron].data.dtype if r.megatron in entries else carried[r.hf[0]].dtype
+                    for r in rules}
+        shapes = {h: (shape, dtype_of[r.megatron]) for r in rules for h, (shape, _) in zip(r.hf, r.shapes)}
+        files = plan_shards([(h, nbytes_of(*s)) for h, s in shapes.items()], MAX_SHARD_BYTES)
+        specs = {h: (files[h], dtype, shape) for h, (shape, dtype) in shapes.items()}
     sizes = [sum(nbytes_of(specs[h][2], specs[h][1]) for h in r.hf) for r in rules]
     owners = assign(sizes, ranks)
     size_of = dict(zip((r.megatron for r in rules), sizes))
     mine = _interleave_files([r for r, owner in zip(rules, owners) if owner == rank],
                              lambda r: (specs[r.hf[0]][0], size_of[r.megatron]))
 
-    reader = DcpReader(checkpoint.checkpoint_dir(src))
     progress = Progress(sum(s for s, o in zip(sizes, owners) if o == rank), sum(len(r.hf) for r in mine),
                         "megatron -> hf", quiet or rank != 0)
     limiter = ByteBudget(budget)
 
     def convert(rule) -> None:
         entry = entries.get(rule.megatron)
-        if entry is None:
-            raise ConversionError(f"megatron model has no parameter {rule.megatron!r} to export")
+        if entry is None:  # a carried tensor kept beside the checkpoint or in the base HF directory
+            (name,) = rule.hf
+            writer.write(name, carried[name].to(specs[name][1]))
+            progress.update(carried[name].nbytes)
+            return
         with limiter.hold(nbytes_of(entry.data.shape, entry.data.dtype)):
             full = _read_entry(reader, entry)
             for name, tensor in rule.to_hf(full, dims):
@@ -728,6 +758,47 @@ def convert_megatron_to_hf(bridge, src: Path, output: Path, overwrite: bool = Fa
     finally:
         reader.close()
         progress.close()
+
+
+def _carried_sources(bridge, src: MegatronCheckpoint, rules: List[Mapping]) -> Dict[str, torch.Tensor]:
+    """HF name -> value of the mappings the checkpoint does not store (the carried RADIO tensors of a
+    target that keeps them beside it): from `hf_carried.safetensors`, else the base HF directory."""
+    if not rules:
+        return {}
+    not_carried = [r for r in rules if not r.megatron.startswith(CARRIED_PREFIX)]
+    if not_carried:
+        raise ConversionError(f"megatron model has no parameter {not_carried[0].megatron!r} to export")
+    values = {}
+    side = src.root / CARRIED_FILE
+    if side.is_file():
+        from safetensors.torch import load_file
+
+        values = load_file(str(side))
+    elif bridge.hf_dir is not None and any(bridge.hf_dir.glob("*.safetensors")):
+        values = {r.hf[0]: bridge.checkpoint.get(r.hf[0]) for r in rules if r.hf[0] in bridge.checkpoint}
+    missing = [r.hf[0] for r in rules if r.hf[0] not in values]
+    if missing:
+        raise ConversionError(f"{src.root}: HF tensor {missing[0]!r}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+                              + f" is not in the Megatron checkpoint (its {src.target.name} layout does not store it), "
+                              f"nor in {CARRIED_FILE} beside it, nor in the --hf-config directory's weights")
+    for r in rules:
+        r.check_hf(r.hf[0], values[r.hf[0]].shape)
+    return {r.hf[0]: values[r.hf[0]] for r in rules}
+
+
+def _check_all_stored(src: MegatronCheckpoint, rules: List[Mapping], entries: Dict, carried: Dict) -> None:
+    """Every mapping's checkpoint key(s) are in the checkpoint, before anything is written; else one
+    error naming the first HF tensor that has no source and the key that was looked for."""
+    for rule in rules:
+        entry = entries.get(rule.megatron)
+        if entry is None:
+            continue  # carried (checked by _carried_sources)
+        pieces = _pieces(entry, entry.data) if isinstance(entry, ShardedTensorFactory) else [entry]
+        for piece in pieces:
+            if piece.key not in src.tensors:
+                raise ConversionError(f"{src.directory}: no tensor {piece.key!r} for HF tensor {rule.hf[0]!r} (the "
+                                      f"checkpoint, read as {src.target.name} layout, lacks it: another model, or "
+                                      "another config than --hf-config)")
 
 
 def _interleave_files(rules: List, file_and_bytes: Callable) -> List:

@@ -58,6 +58,9 @@ def write_config_and_assets(out_dir: Path, config: dict, assets_dir: Optional[Pa
     (out_dir / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
 
 
+MAX_SHARD_BYTES = 5 * 1024**3  # the largest shard an export without a source manifest writes
+
+
 def plan_shards(tensors: Iterable[Tuple[str, int]], max_shard_bytes: int) -> Dict[str, str]:
     """Assign (name, nbytes) pairs, in order, to `model-0000i-of-0000n.safetensors` files."""
     groups: List[List[str]] = [[]]

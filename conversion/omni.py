@@ -26,6 +26,7 @@ import torch
 
 from conversion.errors import ConversionError
 from conversion.mappings import Kind, Mapping, config_shape
+from conversion.naming import CARRIED_PREFIX
 
 VISION_HF = "vision_model.radio_model.model."
 H, F = "vision_hidden_size", "vision_ffn_hidden_size"
@@ -89,7 +90,6 @@ def check_layer_scale(hf_name: str, tensor: torch.Tensor) -> None:
                               "layer scale); got other values")
 
 
-CARRIED_PREFIX = "hf_extras."  # the Megatron model's module of carried buffers
 
 
 def carried_megatron_name(hf_name: str) -> str:

@@ -12,6 +12,10 @@ A megatron-core `torch_dist` checkpoint directory holds three kinds of pickles:
   `torch.load(weights_only=False)`. Each is read here first with `torch.load(weights_only=True)`.
 * `common.pt` (megatron's common state): megatron reads it with torch.load's default; it is read
   here with `weights_only=True` whatever that default is.
+`weights_only=True` also admits `argparse.Namespace` (Megatron-LM's `args` in the common state, a
+plain attribute bag; registered below, as `import megatron.core` registers it too), and nothing else
+beyond torch's own list. (`torch.serialization.safe_globals` as a context manager would not do: its
+exit removes the class even where megatron had registered it before.)
 
 `check_dist_checkpoint(directory)` runs all three before megatron-core or torch open anything
 (`bridge.checkpoint.load`, and so `AutoBridge.load_megatron_model`, `bridge-verify`,
@@ -22,6 +26,7 @@ and tensor records itself (`bridge.streaming.DcpReader`), through the same unpic
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import io
 import os
@@ -32,6 +37,8 @@ from typing import Any, FrozenSet, Tuple
 import torch
 
 from conversion.errors import ConversionError
+
+torch.serialization.add_safe_globals([argparse.Namespace])  # Megatron-LM's `args` (see the module docstring)
 
 _DCP = "torch.distributed.checkpoint"
 

@@ -85,7 +85,17 @@ def test_common_state_file_is_written_and_not_needed(saved, tmp_path):
     from bridge import AutoBridge, checkpoint
 
     hf, mcore, model = saved["text"]
-    assert torch.load(mcore / "release" / "common.pt", weights_only=True) == {"checkpoint_version": 3.0, "iteration": 0}
+    from conversion import hf_config
+
+    common = torch.load(mcore / "release" / "common.pt", weights_only=True)
+    args = common.pop("args")
+    assert common == {"checkpoint_version": 3.0, "iteration": 0}
+    # Megatron-LM's args: the hybrid pattern (from 0.19 a hybrid checkpoint without it is taken for a
+    # GPT one) and the sizes its loader compares, as the HF config gives them
+    text = hf_config.load_config(hf).text
+    assert args.hybrid_override_pattern == args.hybrid_layer_pattern == text["_pattern"]
+    assert (args.num_layers, args.hidden_size, args.num_attention_heads) == (
+        len(text["_pattern"]), text["hidden_size"], text["num_attention_heads"])
 
     copy = tmp_path / "mcore"
     shutil.copytree(mcore, copy, ignore=shutil.ignore_patterns("release"))

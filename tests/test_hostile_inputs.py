@@ -195,7 +195,7 @@ def _checksums_deleted(src, work):
 
 def _not_a_checkpoint(src, work):
     (work / "plain").mkdir()
-    return {"mc": work / "plain", "fragments": ["bridge_meta.json", "not a checkpoint written by convert-hf-to-mcore"]}
+    return {"mc": work / "plain", "fragments": ["plain", "not a Megatron checkpoint", "latest_checkpointed_iteration.txt"]}
 
 
 def _mcore_missing(src, work):
