@@ -56,11 +56,20 @@ def assert_same_hf(a: Path, b: Path) -> None:
         assert tb[name][1].dtype == tensor.dtype and torch.equal(tb[name][1], tensor), name
 
 
-def assert_cli_export_equals(mcore: Path, hf: Path, out: Path) -> None:
-    """`convert-mcore-to-hf` of the Megatron checkpoint `mcore` into `out` gives back `hf` bit for bit."""
-    proc = run_cli("convert-mcore-to-hf", "--mcore-path", mcore, "--output", out, "--quiet")
+def assert_cli_export_equals(mcore: Path, hf: Path, out: Path, *args) -> None:
+    """`convert-mcore-to-hf` of the Megatron checkpoint `mcore` (and `args`) into `out` gives back `hf`
+    bit for bit."""
+    proc = run_cli("convert-mcore-to-hf", "--mcore-path", mcore, "--output", out, "--quiet", *args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_same_hf(hf, out)
+
+
+def as_megatron_lm_writes_it(converted: Path, dest: Path, iteration: int = 100) -> Path:
+    """A copy of a checkpoint's torch_dist files laid out as Megatron-LM's training writes them:
+    `iter_NNNNNNN/` named by the tracker, and none of this project's files beside it."""
+    shutil.copytree(Path(converted) / "release", Path(dest) / f"iter_{iteration:07d}")
+    (Path(dest) / "latest_checkpointed_iteration.txt").write_text(str(iteration))
+    return Path(dest)
 
 
 def hidden_siblings(path: Path):

@@ -32,7 +32,7 @@ CASES = [
     dict(name="omni_pp2", source="hf", pp=2, export=True),
     dict(name="omni_tp2_sp", source="hf", tp=2, export=True, save_mcore="mcore_tp2"),  # ETP=2, SP on
     dict(name="omni_pp2_vpp2", source="hf", pp=2, vpp=2, export=True),                # 4 chunks of 1 layer
-    dict(name="omni_ep2", source="hf", ep=2, export=True),
+    dict(name="omni_ep2", source="hf", ep=2, export=True, save_mcore="mcore_ep2_mlm", target="megatron-lm"),
     dict(name="omni_tp2_ep2", source="hf", tp=2, ep=2, etp=1, export=True),
     # the checkpoint the CLI wrote in one process, loaded at PP=2 and at TP=2
     dict(name="omni_cli_pp2", source="mcore_cli", pp=2, export=True),
@@ -114,3 +114,23 @@ def test_cli_exports_the_checkpoint_megatron_wrote_at_tp2(results, tmp_path):
 
     paths = results["_paths"]
     assert_cli_export_equals(paths["out"] / "mcore_tp2", paths["hf"], tmp_path / "hf")
+
+
+def test_cli_exports_an_omni_checkpoint_laid_out_as_megatron_lm_writes_it(results, tmp_path):
+    """The EP=2 model saved by 2 ranks for Megatron-LM (`sound_model.` keys, no carried tensors in the
+    torch_dist files), laid out as Megatron-LM's training writes it (iter_0000100/, no bridge files):
+    the export takes config, tokenizer and the carried RADIO tensors from --hf-config and gives back
+    the source bit for bit."""
+    from tests.cli_helpers import as_megatron_lm_writes_it, assert_cli_export_equals, run_cli
+
+    paths = results["_paths"]
+    mlm = as_megatron_lm_writes_it(paths["out"] / "mcore_ep2_mlm", tmp_path / "mlm")
+    from conversion.megatron_ckpt import open_checkpoint
+
+    keys = open_checkpoint(mlm).tensors
+    assert any(k.startswith("sound_model.encoder.") for k in keys)
+    assert not any(k.startswith(("sound_encoder.", "hf_extras.")) for k in keys)
+    assert_cli_export_equals(mlm, paths["hf"], tmp_path / "hf", "--hf-config", paths["hf"])
+    # without the HF side the checkpoint cannot be exported: one line saying what to pass
+    proc = run_cli("convert-mcore-to-hf", "--mcore-path", mlm, "--output", tmp_path / "none", "--quiet")
+    assert proc.returncode == 2 and "--hf-config" in proc.stderr, proc.stderr[-2000:]

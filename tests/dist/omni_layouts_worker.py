@@ -184,7 +184,8 @@ def run_case(case: dict, hf_dir: Path, out_dir: Path, micro, ref: torch.Tensor) 
             result["source_tensors"] = len(read_all(hf_dir))
     if case.get("save_mcore"):  # every rank writes its shards
         bridge.save_megatron_model(chunks, out_dir / case["save_mcore"],
-                                   layout={k: v for k, v in sizes.items() if v is not None})
+                                   layout={k: v for k, v in sizes.items() if v is not None},
+                                   target=case.get("target", "bridge"))
         result["saved_mcore"] = case["save_mcore"]
     result["seconds"] = round(time.time() - t0, 2)
     dist.barrier()
