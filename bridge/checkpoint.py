@@ -56,10 +56,10 @@ def sharded_state(model, target: Target = TARGETS[DEFAULT_TARGET], args: Optiona
 def _named_for(chunk_state: Dict, target: Target) -> Dict:
     out = {}
     for name, entry in chunk_state.items():
-        key = target.checkpoint_key(entry.key) if hasattr(entry, "key") else entry
-        if key is None:
-            continue  # stored beside the checkpoint (CARRIED_FILE)
-        if hasattr(entry, "key"):
+        if hasattr(entry, "key"):  # ShardedTensor / ShardedObject / factory (a factory's pieces derive from it)
+            key = target.checkpoint_key(entry.key)
+            if key is None:
+                continue  # kept beside the checkpoint (CARRIED_FILE)
             entry.key = key
         out[name] = entry
     return out
@@ -87,9 +87,12 @@ def megatron_args(model, layout: Optional[Dict] = None) -> argparse.Namespace:
         moe_router_topk_scaling_factor=c.moe_router_topk_scaling_factor, moe_router_score_function="sigmoid",
         moe_router_enable_expert_bias=bool(c.num_moe_experts), padded_vocab_size=lm.vocab_size,
         make_vocab_size_divisible_by=128, max_position_embeddings=lm.max_sequence_length,
-        seq_length=lm.max_sequence_length, position_embedding_type="none", add_position_embedding=False,
+        seq_length=lm.max_sequence_length, position_embedding_type="none",
+        add_position_embedding=True,  # Megatron-LM's default (position_embedding_type rules); False trips its checks
         untie_embeddings_and_output_weights=not lm.share_embeddings_and_output_weights, squared_relu=True,
-        normalization="RMSNorm", norm_epsilon=c.layernorm_epsilon, add_bias_linear=False,
+        swiglu=False, normalization="RMSNorm", norm_epsilon=c.layernorm_epsilon, add_bias_linear=False,
+        add_qkv_bias=False, moe_grouped_gemm=bool(c.num_moe_experts), tokenizer_type="HuggingFaceTokenizer",
+        spec=["megatron.core.models.mamba.mamba_layer_specs", "mamba_stack_spec"],
         tensor_model_parallel_size=layout.get("tp") or 1, pipeline_model_parallel_size=layout.get("pp") or 1,
         expert_model_parallel_size=layout.get("ep") or 1, ckpt_format="torch_dist", no_save_optim=True,
         no_save_rng=True, consumed_train_samples=0, consumed_valid_samples=0)

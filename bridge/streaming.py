@@ -698,12 +698,11 @@ def convert_megatron_to_hf(bridge, src: MegatronCheckpoint | Path, output: Path,
                _param_entries(checkpoint.sharded_state(model, src.target)["model"]).items()}
     reader = DcpReader(src.directory)
     rules = bridge.mappings()
-    carried = _carried_sources(bridge, src, [r for r in rules if r.megatron not in entries])
-    _check_all_stored(src, rules, entries, carried)
+    carried = _values_kept_elsewhere(bridge, src, [r for r in rules if not _stored(src, entries.get(r.megatron))])
     dims = bridge._dims(bridge._language_model(model))
     specs, origins = bridge.hf_specs(), bridge.hf_origins()
     if specs is None:  # no source manifest: files planned from the registry, dtypes from the checkpoint
-        dtype_of = {r.megatron: entries[r.megatron].data.dtype if r.megatron in entries else carried[r.hf[0]].dtype
+        dtype_of = {r.megatron: carried[r.hf[0]].dtype if r.hf[0] in carried else entries[r.megatron].data.dtype
                     for r in rules}
         shapes = {h: (shape, dtype_of[r.megatron]) for r in rules for h, (shape, _) in zip(r.hf, r.shapes)}
         files = plan_shards([(h, nbytes_of(*s)) for h, s in shapes.items()], MAX_SHARD_BYTES)
@@ -719,12 +718,12 @@ def convert_megatron_to_hf(bridge, src: MegatronCheckpoint | Path, output: Path,
     limiter = ByteBudget(budget)
 
     def convert(rule) -> None:
-        entry = entries.get(rule.megatron)
-        if entry is None:  # a carried tensor kept beside the checkpoint or in the base HF directory
+        if rule.hf[0] in carried:  # not in the checkpoint: beside it, or from the base HF directory
             (name,) = rule.hf
             writer.write(name, carried[name].to(specs[name][1]))
             progress.update(carried[name].nbytes)
             return
+        entry = entries[rule.megatron]
         with limiter.hold(nbytes_of(entry.data.shape, entry.data.dtype)):
             full = _read_entry(reader, entry)
             for name, tensor in rule.to_hf(full, dims):
@@ -760,45 +759,45 @@ def convert_megatron_to_hf(bridge, src: MegatronCheckpoint | Path, output: Path,
         progress.close()
 
 
-def _carried_sources(bridge, src: MegatronCheckpoint, rules: List[Mapping]) -> Dict[str, torch.Tensor]:
-    """HF name -> value of the mappings the checkpoint does not store (the carried RADIO tensors of a
-    target that keeps them beside it): from `hf_carried.safetensors`, else the base HF directory."""
-    if not rules:
+def _stored(src: MegatronCheckpoint, entry) -> bool:
+    """Whether the checkpoint holds every key of a model entry (a factory's: every piece's)."""
+    if entry is None:
+        return False
+    pieces = _pieces(entry, entry.data) if isinstance(entry, ShardedTensorFactory) else [entry]
+    return all(piece.key in src.tensors for piece in pieces)
+
+
+def _values_kept_elsewhere(bridge, src: MegatronCheckpoint, absent: List[Mapping]) -> Dict[str, torch.Tensor]:
+    """HF name -> value of the mappings the checkpoint does not hold, all checked before anything is
+    written: only tensors its target keeps elsewhere (`Target.kept_elsewhere`: the carried RADIO
+    tensors, Megatron-Bridge's absent video embedder) may be absent; they come from
+    `hf_carried.safetensors` beside it, else the base HF directory's weights. Anything else absent
+    is an error naming the HF tensor and the key looked for."""
+    for rule in absent:
+        if not src.target.kept_elsewhere(rule.megatron):
+            raise ConversionError(f"{src.directory}: no tensor {src.target.checkpoint_key(rule.megatron)!r} for HF "
+                                  f"tensor {rule.hf[0]!r} (the checkpoint, read as {src.target.name} layout, lacks "
+                                  "it: another model, or another config than --hf-config)")
+    if not absent:
         return {}
-    not_carried = [r for r in rules if not r.megatron.startswith(CARRIED_PREFIX)]
-    if not_carried:
-        raise ConversionError(f"megatron model has no parameter {not_carried[0].megatron!r} to export")
-    values = {}
+    names = [h for r in absent for h in r.hf]
     side = src.root / CARRIED_FILE
+    values = {}
     if side.is_file():
         from safetensors.torch import load_file
 
         values = load_file(str(side))
-    elif bridge.hf_dir is not None and any(bridge.hf_dir.glob("*.safetensors")):
-        values = {r.hf[0]: bridge.checkpoint.get(r.hf[0]) for r in rules if r.hf[0] in bridge.checkpoint}
-    missing = [r.hf[0] for r in rules if r.hf[0] not in values]
+    if bridge.hf_dir is not None and any(bridge.hf_dir.glob("*.safetensors")):
+        values.update({n: bridge.checkpoint.get(n) for n in names if n not in values and n in bridge.checkpoint})
+    missing = [n for n in names if n not in values]
     if missing:
         raise ConversionError(f"{src.root}: HF tensor {missing[0]!r}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
                               + f" is not in the Megatron checkpoint (its {src.target.name} layout does not store it), "
                               f"nor in {CARRIED_FILE} beside it, nor in the --hf-config directory's weights")
-    for r in rules:
-        r.check_hf(r.hf[0], values[r.hf[0]].shape)
-    return {r.hf[0]: values[r.hf[0]] for r in rules}
-
-
-def _check_all_stored(src: MegatronCheckpoint, rules: List[Mapping], entries: Dict, carried: Dict) -> None:
-    """Every mapping's checkpoint key(s) are in the checkpoint, before anything is written; else one
-    error naming the first HF tensor that has no source and the key that was looked for."""
-    for rule in rules:
-        entry = entries.get(rule.megatron)
-        if entry is None:
-            continue  # carried (checked by _carried_sources)
-        pieces = _pieces(entry, entry.data) if isinstance(entry, ShardedTensorFactory) else [entry]
-        for piece in pieces:
-            if piece.key not in src.tensors:
-                raise ConversionError(f"{src.directory}: no tensor {piece.key!r} for HF tensor {rule.hf[0]!r} (the "
-                                      f"checkpoint, read as {src.target.name} layout, lacks it: another model, or "
-                                      "another config than --hf-config)")
+    for rule in absent:
+        for name in rule.hf:
+            rule.check_hf(name, values[name].shape)
+    return {n: values[n] for n in names}
 
 
 def _interleave_files(rules: List, file_and_bytes: Callable) -> List:

@@ -34,6 +34,12 @@ class Target:
     renames: Tuple[Tuple[str, str], ...]  # (this project's prefix, the checkpoint's), first match wins
     pad_vocab: bool                      # embedding / output rows padded to a multiple of 128 x TP
     carried_in_checkpoint: bool          # `hf_extras.*` stored in the torch_dist files
+    may_lack: Tuple[str, ...] = ()       # this project's prefixes a checkpoint this program wrote may not have
+
+    def kept_elsewhere(self, name: str) -> bool:
+        """Whether a checkpoint of this target may lack the registry's Megatron tensor `name` (then it
+        comes from beside the checkpoint or from the base HF directory)."""
+        return (name.startswith(CARRIED_PREFIX) and not self.carried_in_checkpoint) or name.startswith(self.may_lack)
 
     def checkpoint_key(self, key: str) -> Optional[str]:
         """The checkpoint's key of one of this project's sharded-state keys; None: not stored there."""
@@ -51,7 +57,10 @@ TARGETS = {
     "megatron-bridge": Target("megatron-bridge",
                               (("sound_encoder.", "llava_model.sound_model."),)
                               + tuple((p, "llava_model." + p) for p in _OMNI_PARTS),
-                              pad_vocab=False, carried_in_checkpoint=False),
+                              pad_vocab=False, carried_in_checkpoint=False,
+                              # built only when the HF vision config says `separate_video_embedder`, which
+                              # the released config does not: its checkpoints have no video embedder
+                              may_lack=("vision_model.video_embedder.",)),
     "megatron-lm": Target("megatron-lm", (("sound_encoder.", "sound_model."),), pad_vocab=True,
                           carried_in_checkpoint=False),
 }

@@ -64,9 +64,9 @@ def assert_cli_export_equals(mcore: Path, hf: Path, out: Path, *args) -> None:
     assert_same_hf(hf, out)
 
 
-def as_megatron_lm_writes_it(converted: Path, dest: Path, iteration: int = 100) -> Path:
-    """A copy of a checkpoint's torch_dist files laid out as Megatron-LM's training writes them:
-    `iter_NNNNNNN/` named by the tracker, and none of this project's files beside it."""
+def as_training_writes_it(converted: Path, dest: Path, iteration: int = 100) -> Path:
+    """A copy of a checkpoint's torch_dist files laid out as Megatron-LM's (and Megatron-Bridge's)
+    training writes them: `iter_NNNNNNN/` named by the tracker, none of this project's files beside it."""
     shutil.copytree(Path(converted) / "release", Path(dest) / f"iter_{iteration:07d}")
     (Path(dest) / "latest_checkpointed_iteration.txt").write_text(str(iteration))
     return Path(dest)

@@ -97,11 +97,11 @@ def test_cli_exports_checkpoints_laid_out_as_megatron_lm_writes_them(results, tm
     """The TP=2 checkpoint's torch_dist files laid out as Megatron-LM's training writes them (two
     iterations, the tracker naming the later, none of this project's files): exported with the HF
     side from --hf-config, the tracker's iteration and `--iteration N` both give back the source."""
-    from tests.cli_helpers import as_megatron_lm_writes_it, assert_cli_export_equals, run_cli
+    from tests.cli_helpers import as_training_writes_it, assert_cli_export_equals, run_cli
 
     paths = results["_paths"]
-    mlm = as_megatron_lm_writes_it(paths["out"] / "mcore_tp2", tmp_path / "mlm", iteration=50)
-    as_megatron_lm_writes_it(paths["out"] / "mcore_tp2", mlm, iteration=100)
+    mlm = as_training_writes_it(paths["out"] / "mcore_tp2", tmp_path / "mlm", iteration=50)
+    as_training_writes_it(paths["out"] / "mcore_tp2", mlm, iteration=100)
     assert_cli_export_equals(mlm, paths["hf"], tmp_path / "hf100", "--hf-config", paths["hf"])
     assert_cli_export_equals(mlm, paths["hf"], tmp_path / "hf50", "--hf-config", paths["hf"], "--iteration", "50")
     proc = run_cli("convert-mcore-to-hf", "--mcore-path", mlm, "--hf-config", paths["hf"], "--iteration", "7",

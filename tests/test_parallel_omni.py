@@ -116,15 +116,15 @@ def test_cli_exports_the_checkpoint_megatron_wrote_at_tp2(results, tmp_path):
     assert_cli_export_equals(paths["out"] / "mcore_tp2", paths["hf"], tmp_path / "hf")
 
 
-def test_cli_exports_an_omni_checkpoint_laid_out_as_megatron_lm_writes_it(results, tmp_path):
+def test_cli_exports_an_omni_checkpoint_laid_out_as_training_writes_it(results, tmp_path):
     """The EP=2 model saved by 2 ranks for Megatron-LM (`sound_model.` keys, no carried tensors in the
     torch_dist files), laid out as Megatron-LM's training writes it (iter_0000100/, no bridge files):
     the export takes config, tokenizer and the carried RADIO tensors from --hf-config and gives back
     the source bit for bit."""
-    from tests.cli_helpers import as_megatron_lm_writes_it, assert_cli_export_equals, run_cli
+    from tests.cli_helpers import as_training_writes_it, assert_cli_export_equals, run_cli
 
     paths = results["_paths"]
-    mlm = as_megatron_lm_writes_it(paths["out"] / "mcore_ep2_mlm", tmp_path / "mlm")
+    mlm = as_training_writes_it(paths["out"] / "mcore_ep2_mlm", tmp_path / "mlm")
     from conversion.megatron_ckpt import open_checkpoint
 
     keys = open_checkpoint(mlm).tensors

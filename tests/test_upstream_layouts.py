@@ -22,7 +22,9 @@ import pytest
 import torch
 
 from bridge.tiny_models import build_hf_model, build_hf_omni_model, save_hf_model, tiny_config, tiny_omni_config
-from tests.cli_helpers import assert_cli_export_equals, run_cli
+from tests.cli_helpers import (
+    as_training_writes_it, assert_cli_export_equals, copy_dir, edit_config, edit_index, edit_tensors, run_cli,
+)
 
 UPSTREAM = Path(__file__).parent / "data" / "upstream"
 MB = UPSTREAM / "megatron_bridge_0.6.2"
@@ -215,3 +217,34 @@ def test_megatron_lm_reads_what_it_needs_from_the_args(omni_mb):
     assert common["checkpoint_version"] >= 3.0 and common["iteration"] == 0
     assert (compared - runs_we_do_not_describe) <= set(args), sorted(compared - runs_we_do_not_describe - set(args))
     assert all(args[f] for f in pattern_fields) and args["no_save_optim"] is True
+
+
+def test_a_checkpoint_megatron_bridge_trained_exports_with_the_hf_side_from_hf_config(omni_hf, tmp_path):
+    """Megatron-Bridge 0.6.2 builds the video embedder only when the HF vision config says
+    `separate_video_embedder` (the released config does not), and keeps no carried RADIO tensor. A
+    checkpoint of such a model, laid out as its training writes it (iter_0000000, tracker "0"), exports
+    to the full HF checkpoint: the video embedder and the carried tensors come from --hf-config."""
+    video = "vision_model.radio_model.model.patch_generator.video_embedder.weight"
+    without_video = copy_dir(omni_hf, tmp_path / "hf_image_only")
+
+    def drop_video_fields(config):
+        config.pop("video_temporal_patch_size", None)
+        config["vision_config"].pop("video_temporal_patch_size", None)
+
+    edit_config(without_video, drop_video_fields)
+    edit_tensors(without_video, video, lambda state: (state.pop(video), None)[1])
+    if (without_video / "model.safetensors.index.json").exists():
+        edit_index(without_video, lambda weight_map: weight_map.pop(video))
+    converted = tmp_path / "mb"
+    proc = run_cli("convert-hf-to-mcore", "--hf-path", without_video, "--output", converted,
+                   "--target", "megatron-bridge", "--quiet")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trained = as_training_writes_it(converted, tmp_path / "trained", iteration=0)
+    assert_cli_export_equals(trained, omni_hf, tmp_path / "hf", "--hf-config", omni_hf)
+    # a config-only --hf-config cannot supply them: one line naming the first
+    config_only = tmp_path / "config_only"
+    config_only.mkdir()
+    (config_only / "config.json").write_text((omni_hf / "config.json").read_text())
+    proc = run_cli("convert-mcore-to-hf", "--mcore-path", trained, "--hf-config", config_only,
+                   "--output", tmp_path / "none", "--quiet")
+    assert proc.returncode == 2 and "is not in the Megatron checkpoint" in proc.stderr, proc.stderr[-2000:]
