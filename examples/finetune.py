@@ -475,19 +475,15 @@ def train_step(model, optimizer, batches, args, lr: float) -> float:
 
 # ---------------------------------------------------------------------------- checkpoints
 
-def _state(chunks, optimizer, iteration, loading=False):
-    from bridge.weights import model_chunks
+def _state(chunks, optimizer, iteration, loading=False, layout=None):
+    """The converter's checkpoint state (`bridge.checkpoint.sharded_state`, with Megatron-LM's `args`)
+    at `iteration`, plus the optimizer's."""
+    from bridge import checkpoint
 
-    inner = model_chunks(chunks)
-    state = {"checkpoint_version": 3.0, "iteration": iteration}
-    model_state = {}
-    if len(inner) == 1:
-        state["model"] = model_state = inner[0].sharded_state_dict()
-    else:
-        for i, c in enumerate(inner):
-            state[f"model{i}"] = c.sharded_state_dict()
-            model_state.update(state[f"model{i}"])
+    state = checkpoint.sharded_state(chunks, args=None if loading else checkpoint.megatron_args(chunks, layout))
+    state["iteration"] = iteration
     if optimizer is not None:
+        model_state = {k: v for key, part in state.items() if key.startswith("model") for k, v in part.items()}
         state["optimizer"] = optimizer.sharded_state_dict(model_state, is_loading=loading)
     return state
 
@@ -498,14 +494,18 @@ def save_checkpoint(bridge, chunks, optimizer, iteration: int, output: Path, lay
 
     from bridge import checkpoint
     from bridge.ranks import world
+    from providers.megatron_imports import add_common_state_file
 
     rank = world()[0]
     sub = output / f"iter_{iteration:07d}"
     if rank == 0:
         sub.mkdir(parents=True, exist_ok=True)
     dist.barrier()
-    dist_checkpointing.save(_state(chunks, optimizer, iteration), str(sub))
+    dist_checkpointing.save(_state(chunks, optimizer, iteration, layout=layout), str(sub))
     dist.barrier()
+    if rank == 0:  # as the converter's: common.pt for megatron-core 0.16.1, run_config.yaml for Megatron-Bridge
+        add_common_state_file(sub)
+        (sub / checkpoint.RUN_CONFIG_NAME).write_text(checkpoint.run_config_yaml(layout))
     if rank == 0 and bridge is not None:
         checkpoint.write_bridge_files(output, bridge.megatron_meta(chunks, layout), bridge.assets_dir)
     if rank == 0:

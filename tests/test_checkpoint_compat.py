@@ -87,6 +87,7 @@ def test_common_state_file_is_written_and_not_needed(saved, tmp_path):
     hf, mcore, model = saved["text"]
     from conversion import hf_config
 
+    from conversion import safe_pickle  # noqa: F401 - allows Megatron-LM's args (argparse.Namespace)
     common = torch.load(mcore / "release" / "common.pt", weights_only=True)
     args = common.pop("args")
     assert common == {"checkpoint_version": 3.0, "iteration": 0}

@@ -117,6 +117,26 @@ def test_megatron_checkpoint_layout_and_resume(trained):
         assert abs(again[step] - loss[step]) < 1e-4, (step, again[step], loss[step])
 
 
+def test_the_examples_checkpoints_export_with_the_converter(trained, tmp_path):
+    """`convert-mcore-to-hf` exports the fine-tuning checkpoint (iter_NNNNNNN, the tracker's or
+    `--iteration`): at iteration 30 it equals the example's own in-memory export of the same model;
+    each iteration carries what Megatron-LM / Megatron-Bridge / megatron-core 0.16.1 read."""
+    from conversion import safe_pickle  # noqa: F401 - allows Megatron-LM's args (argparse.Namespace)
+    from tests.cli_helpers import assert_cli_export_equals, run_cli
+
+    work, _ = trained
+    for it in (28, 30):
+        sub = work / "ckpt" / f"iter_{it:07d}"
+        assert (sub / "common.pt").is_file() and (sub / "run_config.yaml").is_file()
+        assert torch.load(sub / "common.pt", weights_only=True)["args"].hybrid_override_pattern
+    assert_cli_export_equals(work / "ckpt", work / "hf_out", tmp_path / "hf30")
+    proc = run_cli("convert-mcore-to-hf", "--mcore-path", work / "ckpt", "--iteration", "28", "--output",
+                   tmp_path / "hf28", "--quiet")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    at28, at30 = tensors(tmp_path / "hf28"), tensors(work / "hf_out")
+    assert at28.keys() == at30.keys() and any(not torch.equal(at28[k], at30[k]) for k in at28)
+
+
 @pytest.mark.parametrize("layout", [["--tp", 2], ["--pp", 2], ["--ep", 2]], ids=["tp2", "pp2", "ep2"])
 def test_torchrun_layouts_give_the_single_process_losses(trained, layout):
     work, loss = trained

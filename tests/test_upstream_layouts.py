@@ -212,6 +212,7 @@ def test_megatron_lm_reads_what_it_needs_from_the_args(omni_mb):
     assert compared >= {"num_layers", "hidden_size", "num_attention_heads"}
     assert pattern_fields == {"hybrid_layer_pattern", "hybrid_override_pattern"}
 
+    from conversion import safe_pickle  # noqa: F401 - allows Megatron-LM's args (argparse.Namespace)
     common = torch.load(omni_mb / "release" / "common.pt", weights_only=True)
     args = vars(common["args"])
     assert common["checkpoint_version"] >= 3.0 and common["iteration"] == 0
