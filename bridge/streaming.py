@@ -574,10 +574,12 @@ class DcpReader:
     """Reads any region of any tensor of a torch.distributed.checkpoint directory (the format of
     megatron-core's torch_dist checkpoints), touching only the chunks that overlap it."""
 
-    def __init__(self, ckpt_dir: Path):
+    def __init__(self, ckpt_dir: Path, metadata=None):
+        """`metadata`: the directory's `.metadata`, already read (`MegatronCheckpoint.metadata`)."""
         self.dir = Path(ckpt_dir)
         path = self.dir / ".metadata"
-        metadata = load_dcp_metadata(path)  # exact-class allow-list: a hostile pickle runs nothing
+        if metadata is None:
+            metadata = load_dcp_metadata(path)  # exact-class allow-list: a hostile pickle runs nothing
         try:
             self.tensors = metadata.state_dict_metadata
             self.storage = {(index.fqn, tuple(index.offset or ())): info for index, info in metadata.storage_data.items()}
@@ -696,7 +698,7 @@ def convert_megatron_to_hf(bridge, src: MegatronCheckpoint | Path, output: Path,
     model = meta_model(bridge, src.params_dtype, src.vocab_rows)
     entries = {checkpoint_name(k): v for k, v in
                _param_entries(checkpoint.sharded_state(model, src.target)["model"]).items()}
-    reader = DcpReader(src.directory)
+    reader = DcpReader(src.directory, src.metadata)
     rules = bridge.mappings()
     carried = _values_kept_elsewhere(bridge, src, [r for r in rules if not _stored(src, entries.get(r.megatron))])
     dims = bridge._dims(bridge._language_model(model))

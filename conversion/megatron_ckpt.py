@@ -37,6 +37,7 @@ class MegatronCheckpoint:
     tensors: Dict[str, Tuple[Tuple[int, ...], torch.dtype]]  # key -> (global shape, dtype)
     target: Target
     meta: Optional[dict]        # bridge_meta.json, when this project wrote it
+    metadata: object = None     # the `.metadata` index itself (read once: bridge.streaming.DcpReader takes it)
 
     @property
     def embedding(self) -> Tuple[Tuple[int, ...], torch.dtype]:
@@ -90,4 +91,4 @@ def open_checkpoint(root: Path, iteration: Optional[int] = None) -> MegatronChec
                if hasattr(m, "chunks")}
     meta = read_meta(Path(root)) if (Path(root) / META_NAME).is_file() else None
     target = TARGETS[meta.get("target", "bridge")] if meta else detect(tensors)
-    return MegatronCheckpoint(Path(root), directory, tensors, target, meta)
+    return MegatronCheckpoint(Path(root), directory, tensors, target, meta, metadata)
