@@ -3,13 +3,14 @@ carried HF tensors live.
 
 The registry's Megatron names (`conversion.registry`) are those of this project's model. A target
 is a table of prefix renames from those names to the checkpoint's keys, applied to megatron-core's
-sharded state on save and load alike (`bridge.checkpoint.sharded_state`), plus two choices:
+sharded state on save and load alike (`bridge.checkpoint.sharded_state`), plus whether the vocab
+rows are padded, where the carried tensors live and which tensors such a checkpoint may lack:
 
 | target | Omni keys | vocab rows | carried RADIO tensors |
 |---|---|---|---|
-| `bridge` (default) | `language_model.`, `vision_model.`, `sound_encoder.encoder.`, `hf_extras.` | padded to 128 x TP (Megatron-LM's rule) | in the checkpoint (`hf_extras.*`) |
+| `bridge` (default) | `language_model.`, `vision_model.`, `sound_encoder.encoder.`, `hf_extras.` | padded to a multiple of 128 (Megatron-LM's rule at TP 1) | in the checkpoint (`hf_extras.*`) |
 | `megatron-bridge` | `llava_model.` + `language_model.`, `vision_model.`, `vision_projection.`, `sound_model.`, `sound_projection.` | HF's `vocab_size` (unpadded) | beside it, `hf_carried.safetensors` |
-| `megatron-lm` | as `bridge`, with `sound_model.` | padded to 128 x TP | beside it, `hf_carried.safetensors` |
+| `megatron-lm` | as `bridge`, with `sound_model.` | padded to a multiple of 128 | beside it, `hf_carried.safetensors` |
 
 Megatron-Bridge 0.6.x (PyPI, read at v0.6.0 = 0.6.2: `models/nemotron_omni/nemotron_omni_provider.py`)
 wraps megatron-core's `LLaVAModel` as `llava_model` and holds transformers' `ParakeetEncoder` as
@@ -32,7 +33,7 @@ CARRIED_FILE = "hf_carried.safetensors"  # beside the checkpoint, for targets th
 class Target:
     name: str
     renames: Tuple[Tuple[str, str], ...]  # (this project's prefix, the checkpoint's), first match wins
-    pad_vocab: bool                      # embedding / output rows padded to a multiple of 128 x TP
+    pad_vocab: bool                      # embedding / output rows padded (megatron's make_vocab_size_divisible_by)
     carried_in_checkpoint: bool          # `hf_extras.*` stored in the torch_dist files
     may_lack: Tuple[str, ...] = ()       # this project's prefixes a checkpoint this program wrote may not have
 
