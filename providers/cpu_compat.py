@@ -621,16 +621,22 @@ def cpu_config_overrides(config=None) -> dict:
     }
 
 
-def _mcore_version() -> str:
-    import megatron.core
+def mcore_version() -> str:
+    """The installed megatron-core release (its distribution version). Not `megatron.core.__version__`:
+    megatron-core 0.19.2 appends the `git rev-parse --short HEAD` of whatever repository its
+    site-packages directory lies in (a venv inside a checkout gives `0.19.2+<that checkout's commit>`)."""
+    from importlib import metadata
 
-    return getattr(megatron.core, "__version__", "unknown")
+    try:
+        return metadata.version("megatron-core")
+    except metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def _patch_target_missing(what: str, why: str = "not found") -> RuntimeError:
     """The error every patch raises when its target is gone: megatron-core changed under it."""
     return RuntimeError(
-        f"providers.cpu_compat: CPU patch target {what} {why} in megatron-core {_mcore_version()} "
+        f"providers.cpu_compat: CPU patch target {what} {why} in megatron-core {mcore_version()} "
         f"(the patches were checked with megatron-core {' and '.join(CHECKED_ON)}); the CPU build "
         "cannot run on this megatron-core without updating providers/cpu_compat.py."
     )

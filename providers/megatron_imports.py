@@ -16,7 +16,8 @@ The two releases the bridge runs on (both checked by the whole test suite on a C
   global layer number. A TransformerLayer's `mlp` is a builder, `partial(MLP.as_mlp_submodule,
   submodules=...)` (a `ModuleSpec` is rewrapped, with a warning per layer).
 
-Selected by feature detection (`HYBRID_PACKAGE`, `MLP_BUILDER`); `MCORE_VERSION` is for messages.
+Selected by feature detection (`HYBRID_PACKAGE`, `MLP_BUILDER`); the version, for messages, is
+`providers.cpu_compat.mcore_version()`.
 """
 
 from __future__ import annotations
@@ -24,11 +25,9 @@ from __future__ import annotations
 import re
 from functools import partial
 
-import megatron.core
 from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-MCORE_VERSION = getattr(megatron.core, "__version__", "unknown")
 
 try:  # megatron-core >= 0.18 (0.19.2 checked)
     from megatron.core.models.hybrid.hybrid_block import HybridStack, HybridStackSubmodules
