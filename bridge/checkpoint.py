@@ -171,5 +171,6 @@ def load(model, path: Path, target: Target = TARGETS[DEFAULT_TARGET]) -> None:
     chunks = model_chunks(model)
     for i, chunk in enumerate(chunks):
         key = "model" if len(chunks) == 1 else f"model{i}"
-        chunk_carried = {n: t for n, t in carried.items() if n in chunk.state_dict()}
+        names = chunk.state_dict().keys() if carried else ()
+        chunk_carried = {n: t for n, t in carried.items() if n in names}
         chunk.load_state_dict({**loaded[key], **chunk_carried}, strict=True)
