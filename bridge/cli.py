@@ -191,6 +191,7 @@ def _preflight_mcore(args: argparse.Namespace):
     """Every check of a Megatron checkpoint that needs no megatron: which directory, its keys, the HF
     side (bridge_meta.json, or --hf-config), output, disk, file sizes. Returns (checkpoint, HF config)."""
     from conversion import hf_config, integrity, preflight, registry
+    from conversion.mappings import expected_hf
     from conversion.megatron_ckpt import open_checkpoint
     from conversion.output_dir import check_free_space, check_output_path, dir_bytes
 
@@ -210,8 +211,8 @@ def _preflight_mcore(args: argparse.Namespace):
     else:
         cfg = hf_config.parse_config(ckpt.meta["hf_config"], f"{src / integrity.META_NAME}: hf_config")
         assets = src / "hf_assets"
-    needed = sum(preflight.output_bytes(dict(zip(m.hf, (s for s, _ in m.shapes))),
-                                        dict.fromkeys(m.hf, ckpt.params_dtype)) for m in registry.mappings(cfg))
+    shapes = {name: shape for name, (shape, _) in expected_hf(registry.mappings(cfg)).items()}
+    needed = preflight.output_bytes(shapes, {}, ckpt.params_dtype)
     needed += dir_bytes(assets, keep=lambda p: not p.name.endswith(".safetensors")) if assets.is_dir() else 0
     check_free_space(args.output, needed, "the Hugging Face checkpoint")
     if ckpt.meta is not None:

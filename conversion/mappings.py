@@ -19,7 +19,7 @@ through `Mapping.to_megatron` / `Mapping.to_hf`, which check exact shapes agains
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Dict, List, Mapping as MappingType, Optional, Sequence, Tuple
 
 import torch
@@ -212,14 +212,10 @@ class Mapping:
     hf: Tuple[str, ...]
     kind: MappingKind
     shapes: Tuple[Tuple[Shape, str], ...]  # per HF tensor: (shape, the config formula that gives it)
-    layer: Optional[int] = None   # global layer index of the language model
-    expert: Optional[int] = None  # global routed-expert index
     integer: bool = False         # int64 (batch-norm counters, RADIO summary_idxs), not a float weight
-    optional: bool = False        # transformers tolerates its absence: present exactly when the source has it
 
     def renamed(self, megatron_prefix: str, hf_prefix: str) -> "Mapping":
-        return Mapping(megatron_prefix + self.megatron, tuple(hf_prefix + h for h in self.hf), self.kind,
-                       self.shapes, self.layer, self.expert, self.integer, self.optional)
+        return replace(self, megatron=megatron_prefix + self.megatron, hf=tuple(hf_prefix + h for h in self.hf))
 
     def check_hf(self, name: str, shape: Shape, where: str = "tensor") -> None:
         """Raise naming the tensor, both shapes and the config formula when `shape` is not the one."""

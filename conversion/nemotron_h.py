@@ -80,9 +80,8 @@ def language_model_mappings(text: Dict) -> List[Mapping]:
     text config (`HFModelConfig.text`: `_pattern`, the sizes, `tie_word_embeddings`)."""
     values = {"conv_kernel": 4, **{k: v for k, v in text.items() if v is not None}}
 
-    def mapping(megatron, hf, kind, layer=None, expert=None):
-        return Mapping(megatron, tuple(h for h, _ in hf), kind,
-                       tuple((config_shape(f, values), f) for _, f in hf), layer, expert)
+    def mapping(megatron, hf, kind):
+        return Mapping(megatron, tuple(h for h, _ in hf), kind, tuple((config_shape(f, values), f) for _, f in hf))
 
     out = [mapping(*EMBEDDING_RULE)]
     for i, symbol in enumerate(text["_pattern"]):
@@ -91,7 +90,7 @@ def language_model_mappings(text: Dict) -> List[Mapping]:
             for e in experts:
                 out.append(mapping(LAYER_PREFIX_MEGATRON.format(i=i) + megatron.replace("{e}", str(e)),
                                    [(LAYER_PREFIX_HF.format(i=i) + h.replace("{e}", str(e)), f) for h, f in hf],
-                                   kind, layer=i, expert=e))
+                                   kind))
     out.append(mapping(*FINAL_NORM_RULE))
     if not text.get("tie_word_embeddings"):
         out.append(mapping(*OUTPUT_RULE))

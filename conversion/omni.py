@@ -104,9 +104,8 @@ def omni_mappings(raw: Dict[str, Any], fields: Dict[str, Any], text_hidden_size:
     summary_idxs = raw["vision_config"].get("summary_idxs") or [0, 1]  # RadioConfig's default
     values = {**fields, "hidden_size": text_hidden_size, "num_summary_idxs": len(summary_idxs)}
 
-    def mapping(megatron, hf, formula, kind, integer=False, optional=False):
-        return Mapping(megatron, (hf,), kind, ((config_shape(formula, values), formula),), integer=integer,
-                       optional=optional)
+    def mapping(megatron, hf, formula, kind, integer=False):
+        return Mapping(megatron, (hf,), kind, ((config_shape(formula, values), formula),), integer=integer)
 
     out = [mapping(*rule) for rule in VISION_RULES]
     if fields["separate_video_embedder"]:
@@ -124,7 +123,7 @@ def omni_mappings(raw: Dict[str, Any], fields: Dict[str, Any], text_hidden_size:
                     for i in range(fields["vision_num_layers"]) for j in (1, 2)]
     for name, formula, integer, optional in (*CARRIED_RULES, *layer_scales):
         if not optional or (present is not None and name in present):
-            out.append(mapping(carried_megatron_name(name), name, formula, Kind.REPLICATED, integer, optional))
+            out.append(mapping(carried_megatron_name(name), name, formula, Kind.REPLICATED, integer))
     if fields["has_sound"]:
         out += parakeet_mappings(fields["sound_config"])
     return out
